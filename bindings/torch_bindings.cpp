@@ -1,0 +1,65 @@
+// The one place where every prosg op's schema is defined.
+//
+// Kernels register themselves beside their code with TORCH_LIBRARY_IMPL
+// (csrc/<op>/cpu, csrc/<op>/cuda); fake (meta) kernels and autograd formulas
+// are attached from Python in prosg/ops. This file also makes the shared
+// library importable as the Python module ``prosg._C``: importing it runs the
+// static registrations below. No kernel is exposed through pybind.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef PROSG_CUDA_ARCHS
+#define PROSG_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(prosg, m) {
+  // y[b,t] = x[b,t] @ weight.T + bias + scale * (x[b,t] @ V[b]) @ U[b].T
+  // x [B,T,Din] or [B,Din]; weight [Dout,Din]; bias [Dout]; U [B,Dout,r]; V [B,Din,r].
+  // The per-sample delta U_b V_b^T is never materialised.
+  m.def("lowrank_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? U, Tensor? V, float scale) -> Tensor");
+
+  // Gradients of lowrank_linear given grad_out (shaped like its output), in the order
+  // (x, weight, bias, U, V). output_mask selects which are computed; the others, and
+  // those of absent inputs, come back as empty tensors.
+  m.def(
+      "lowrank_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? U, Tensor? V, "
+      "float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // RWKV-4 time-mixing recurrence with optional rank-r perturbations of key and value:
+  // k_eff = key + key_z @ key_u^T (per sample), likewise v_eff. Returns (out, state_out);
+  // state [B,3,C] holds (numerator, denominator, running max) in float32 (float64 for
+  // float64 inputs); a missing state means (0, 0, -1e38).
+  m.def(
+      "wkv4(Tensor time_decay, Tensor time_first, Tensor key, Tensor value, Tensor? state, "
+      "Tensor? key_z, Tensor? key_u, Tensor? value_z, Tensor? value_u) -> (Tensor, Tensor)");
+
+  // Gradients of wkv4 given grad_out and grad_state_out, in the order (time_decay,
+  // time_first, key_eff, value_eff, state): gradients with respect to the *effective*
+  // key and value, from which the low-rank factor gradients follow by batched GEMMs.
+  m.def(
+      "wkv4_backward(Tensor time_decay, Tensor time_first, Tensor key, Tensor value, Tensor? state, "
+      "Tensor? key_z, Tensor? key_u, Tensor? value_z, Tensor? value_u, Tensor grad_out, "
+      "Tensor grad_state_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// ``import prosg._C`` loads this library (and so runs the registrations above). The
+// module carries only facts about the build, read by prosg.backends().
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "prosg kernels (ops live in torch.ops.prosg)", -1,
+                               nullptr};
+  PyObject* mod = PyModule_Create(&module);
+  if (mod == nullptr) return nullptr;
+#ifdef PROSG_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(mod, "cuda_archs", PROSG_CUDA_ARCHS);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "openmp", _OPENMP);
+#else
+  PyModule_AddIntConstant(mod, "openmp", 0);
+#endif
+  PyModule_AddStringConstant(mod, "torch_version", PROSG_TORCH_VERSION);
+  return mod;
+}

@@ -1,0 +1,49 @@
+// CUDA registration of lowrank_linear: the shared host code (lowrank_linear.cpp) with
+// the CUDA shrink/expand kernels, run on the current stream of the inputs' device.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "lowrank_linear/cuda/lowrank_linear_launch.h"
+#include "lowrank_linear/lowrank_linear.h"
+
+namespace prosg::lowrank {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "prosg: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void shrink_cuda(const LowrankShrinkParams& p) {
+  TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
+  check_launch(cuda::launch_lowrank_shrink(p, c10::cuda::getCurrentCUDAStream().stream()), "lowrank shrink");
+}
+
+void expand_cuda(const LowrankExpandParams& p) {
+  TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
+  check_launch(cuda::launch_lowrank_expand(p, c10::cuda::getCurrentCUDAStream().stream()), "lowrank expand");
+}
+
+constexpr Backend kCuda{&shrink_cuda, &expand_cuda};
+
+at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V, double scale) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return forward(x, weight, bias, U, V, scale, kCuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& U,
+    const std::optional<at::Tensor>& V, double scale, std::array<bool, 5> mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return backward(grad_out, x, weight, U, V, scale, mask, kCuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prosg, CUDA, m) {
+  m.impl("lowrank_linear", &lowrank_linear_cuda);
+  m.impl("lowrank_linear_backward", &lowrank_linear_backward_cuda);
+}
+
+}  // namespace prosg::lowrank

@@ -1,0 +1,6 @@
+"""Python entry points of the prosg ops (``torch.ops.prosg.*``) with their autograd
+formulas and fake kernels, so they run under ``torch.compile(fullgraph=True)``."""
+
+from prosg.ops.lowrank_linear import lowrank_linear
+
+__all__ = ["lowrank_linear"]

@@ -1,0 +1,112 @@
+"""Build of the ``prosg._C`` extension.
+
+The extension is built with ``torch.utils.cpp_extension`` rather than by driving
+torch's CMake package: ``find_package(Torch)`` needs ``CUDA_TOOLKIT_ROOT_DIR``,
+``CUDA_nvrtc_LIBRARY``, the CUDA library headers and C++20 spelled out per torch
+release, and broke differently between torch 2.11 and 2.14 on our machines.
+``cpp_extension`` already knows each release's flags, ABI and arch list.
+``CMakeLists.txt`` builds the torch-free parts (the shared math headers) with
+C++ tests; see the README.
+
+Environment:
+  PROSG_CUDA=auto|0|1   build the CUDA kernels (auto: when nvcc and a CUDA build of
+                        torch are present; a visible GPU is not needed)
+  TORCH_CUDA_ARCH_LIST  CUDA archs; default: the visible GPU's, else "9.0+PTX"
+  MAX_JOBS              parallel compile jobs (honoured by ninja via cpp_extension)
+  PROSG_DEBUG=1         -O0 -g
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_cuda_home() -> str | None:
+    """CUDA_HOME, CUDA_PATH, the nvcc on PATH, or /usr/local/cuda, in that order."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and Path(os.environ[var], "bin", "nvcc").exists():
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    # cpp_extension reads CUDA_HOME once, at import: set it first.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("PROSG_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"PROSG_CUDA must be auto, 0 or 1, got {mode!r}")
+    have = _cuda_home is not None and torch.version.cuda is not None
+    if mode == "1" and not have:
+        why = "no nvcc found (set CUDA_HOME)" if _cuda_home is None else (
+            f"torch {torch.__version__} is not a CUDA build")
+        sys.exit(f"PROSG_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    return mode == "1" or (mode == "auto" and have)
+
+
+def _nvidia_include_dirs() -> list[str]:
+    """Headers of the CUDA libraries (cublas, cusparse, ...) that the CUDA build of
+    torch installs as ``nvidia-*`` wheels; a bare toolkit may lack them."""
+    dirs = []
+    for entry in sys.path:
+        nvidia = Path(entry, "nvidia")
+        if nvidia.is_dir():
+            dirs += sorted(str(p) for p in nvidia.glob("*/include") if p.is_dir())
+    return dirs
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern), recursive=True))
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    debug = os.environ.get("PROSG_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"]
+    sources = ["bindings/torch_bindings.cpp"] + _sources("csrc/*/*.cpp") + _sources("csrc/**/cpu/*.cpp")
+    include_dirs = [str(ROOT / "csrc")]
+    macros = [("PROSG_TORCH_VERSION", '"' + torch.__version__ + '"')]
+    if not with_cuda:
+        return CppExtension(
+            "prosg._C", sources, include_dirs=include_dirs, define_macros=macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # Build machines have nvcc but no GPU: target Hopper and keep PTX for newer cards.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+    macros.append(("PROSG_WITH_CUDA", "1"))
+    macros.append(("PROSG_CUDA_ARCHS", '"' + os.environ.get("TORCH_CUDA_ARCH_LIST", "native") + '"'))
+    sources += _sources("csrc/**/cuda/*.cpp") + _sources("csrc/**/cuda/*.cu")
+    nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension(
+        "prosg._C", sources, include_dirs=include_dirs + _nvidia_include_dirs(),
+        define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=find_packages(include=["prosg", "prosg.*"]),
+    ext_modules=[_extension()],
+    # BuildExtension compiles with ninja (and honours MAX_JOBS) when ninja is on PATH.
+    cmdclass={"build_ext": BuildExtension},
+)
