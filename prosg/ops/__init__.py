@@ -2,5 +2,6 @@
 formulas and fake kernels, so they run under ``torch.compile(fullgraph=True)``."""
 
 from prosg.ops.lowrank_linear import lowrank_linear
+from prosg.ops.wkv4 import wkv4
 
-__all__ = ["lowrank_linear"]
+__all__ = ["lowrank_linear", "wkv4"]
