@@ -43,14 +43,18 @@ def _lowrank_linear_fake(x, weight, bias, U, V, scale):
 
 @torch.library.register_fake(_BWD)
 def _lowrank_linear_backward_fake(grad_out, x, weight, U, V, scale, output_mask):
-    nothing = x.new_empty((0,))
+    # One fresh empty tensor per unrequested gradient: the kernel returns distinct
+    # tensors, and the schema declares no aliasing between outputs.
+    def nothing():
+        return x.new_empty((0,))
+
     has_delta = U is not None and V is not None
     return (
-        x.new_empty(x.shape) if output_mask[0] else nothing,
-        weight.new_empty(weight.shape) if output_mask[1] else nothing,
-        x.new_empty((weight.shape[0],)) if output_mask[2] else nothing,
-        U.new_empty(U.shape) if has_delta and output_mask[3] else nothing,
-        V.new_empty(V.shape) if has_delta and output_mask[4] else nothing,
+        x.new_empty(x.shape) if output_mask[0] else nothing(),
+        weight.new_empty(weight.shape) if output_mask[1] else nothing(),
+        x.new_empty((weight.shape[0],)) if output_mask[2] else nothing(),
+        U.new_empty(U.shape) if has_delta and output_mask[3] else nothing(),
+        V.new_empty(V.shape) if has_delta and output_mask[4] else nothing(),
     )
 
 
