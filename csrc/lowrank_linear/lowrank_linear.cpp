@@ -147,8 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     gx = forward(grad_out, weight.t(), std::nullopt, V, U, scale, backend);
   }
   if (mask[1] || mask[2]) {
-    const at::Tensor g2 = g3.reshape({-1, d.dout});
-    if (mask[1]) gw = at::mm(g2.t(), x3.reshape({-1, d.din}));
+    // Explicit row count: reshape(-1, 0) is ambiguous when Dout or Din is 0.
+    const int64_t rows = d.batch * d.seqlen;
+    const at::Tensor g2 = g3.reshape({rows, d.dout});
+    if (mask[1]) gw = at::mm(g2.t(), x3.reshape({rows, d.din}));
     if (mask[2]) gb = g2.sum(0);
   }
   if (d.has_delta && (mask[3] || mask[4])) {
