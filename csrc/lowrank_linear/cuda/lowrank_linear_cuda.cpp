@@ -28,14 +28,20 @@ constexpr Backend kCuda{&shrink_cuda, &expand_cuda};
 
 at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V, double scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // The dispatcher picks these kernels when any argument is on CUDA, whether x is or
+  // not. CUDAGuard(x.device()) would then fail an internal assert for a CPU x before
+  // the argument check that names the misplaced tensor, so the device guard is set
+  // only for a CUDA x and validation reports the device mix.
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
   return forward(x, weight, bias, U, V, scale, kCuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& U,
     const std::optional<at::Tensor>& V, double scale, std::array<bool, 5> mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;  // see lowrank_linear_cuda
+  if (x.is_cuda()) guard.set_device(x.device());
   return backward(grad_out, x, weight, U, V, scale, mask, kCuda);
 }
 
