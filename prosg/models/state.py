@@ -1,0 +1,164 @@
+"""The recurrent state of an RWKV-4 model and the per-sample low-rank weight deltas.
+
+Both are plain tensors in dataclasses, so they move with ``.to()``, can be detached,
+indexed by sample and saved with ``torch.save``. The model checks them on entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Initial running maximum of the WKV state: ``exp(max)`` is 0 for every key.
+EMPTY_MAX = -1e38
+
+ATTENTION_KINDS = ("key", "value", "receptance", "output")
+FEED_FORWARD_KINDS = ("key", "receptance", "value")
+_NAME = re.compile(r"^blocks\.(\d+)\.(attention|feed_forward)\.(\w+)$")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the WKV state for activations in ``dtype`` (what prosg.ops.wkv4 wants)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class RWKV4State:
+    """Recurrent state of every layer after the last token seen.
+
+    Attributes:
+        att_shift: ``[L, B, H]``: the time-mix input (``ln1`` output) of the last token,
+            i.e. the "previous token" of the next token shift. Activation dtype.
+        ffn_shift: ``[L, B, H]``: the channel-mix input (``ln2`` output) of the last token.
+        wkv: ``[L, B, 3, C]``: numerator, denominator and running maximum of the WKV
+            recurrence, float32 (float64 for a float64 model).
+
+    Passing the state returned by ``model(ids_a)`` to ``model(ids_b, state=...)``
+    gives exactly the logits of ``model(cat(ids_a, ids_b))`` for ``ids_b``.
+    """
+
+    att_shift: Tensor
+    ffn_shift: Tensor
+    wkv: Tensor
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch: int, hidden_size: int, attention_size: int, *,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "RWKV4State":
+        """The state before any token: zero shifts, WKV ``(0, 0, -1e38)``."""
+        shift = torch.zeros(num_layers, batch, hidden_size, dtype=dtype, device=device)
+        wkv = torch.zeros(num_layers, batch, 3, attention_size, dtype=_acc_dtype(dtype), device=device)
+        wkv[:, :, 2] = EMPTY_MAX
+        return cls(shift, shift.clone(), wkv)
+
+    @property
+    def num_layers(self) -> int:
+        return self.att_shift.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.att_shift.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.att_shift.device
+
+    def to(self, *args, **kwargs) -> "RWKV4State":
+        """Moves every tensor like ``Tensor.to``. A dtype given applies to the shift
+        vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
+        shift_a = self.att_shift.to(*args, **kwargs)
+        shift_f = self.ffn_shift.to(*args, **kwargs)
+        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else _acc_dtype(shift_a.dtype)
+        wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
+        return RWKV4State(shift_a, shift_f, wkv)
+
+    def detach(self) -> "RWKV4State":
+        return RWKV4State(self.att_shift.detach(), self.ffn_shift.detach(), self.wkv.detach())
+
+    def clone(self) -> "RWKV4State":
+        return RWKV4State(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
+
+    def index_select(self, index: Tensor | list[int]) -> "RWKV4State":
+        """The state of the samples ``index`` (in that order; repeats allowed)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return RWKV4State(self.att_shift.index_select(1, idx), self.ffn_shift.index_select(1, idx),
+                          self.wkv.index_select(1, idx))
+
+    def repeat(self, n: int) -> "RWKV4State":
+        """Each sample repeated ``n`` times in place (``repeat_interleave``): a prompt
+        prefilled once with batch 1 continued by ``n`` samples with their own deltas."""
+        return RWKV4State(self.att_shift.repeat_interleave(n, 1), self.ffn_shift.repeat_interleave(n, 1),
+                          self.wkv.repeat_interleave(n, 1))
+
+    @classmethod
+    def from_hf(cls, state: list[Tensor] | tuple[Tensor, ...]) -> "RWKV4State":
+        """From transformers' five ``[B, H, L]`` tensors (feed-forward shift, attention
+        shift, numerator, denominator, maximum)."""
+        if len(state) != 5:
+            raise ValueError(f"RWKV4State.from_hf: expected transformers' 5 state tensors, got {len(state)}")
+        ffn, att, num, den, mx = (s.permute(2, 0, 1) for s in state)
+        return cls(att.contiguous(), ffn.contiguous(), torch.stack([num, den, mx], 2).contiguous())
+
+    def to_hf(self) -> list[Tensor]:
+        """transformers' layout: five ``[B, H, L]`` tensors."""
+        num, den, mx = self.wkv.unbind(2)
+        return [t.permute(1, 2, 0).contiguous() for t in (self.ffn_shift, self.att_shift, num, den, mx)]
+
+
+@dataclass
+class Delta:
+    """Per-sample low-rank modifications of the model's projection matrices.
+
+    ``factors[name] = (U, V)`` with ``U [B, Dout, r]`` and ``V [B, Din, r]`` turns the
+    weight ``W [Dout, Din]`` of module ``name`` into ``W + scale * U_b V_b^T`` for
+    sample ``b``; the per-sample weights are never formed. Names are module paths as in
+    transformers' state dict without the ``rwkv.`` prefix and ``.weight`` suffix:
+    ``blocks.<i>.attention.{key,value,receptance,output}`` and
+    ``blocks.<i>.feed_forward.{key,receptance,value}``. Ranks may differ between
+    modules. The model also accepts the plain dict (scale 1).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    scale: float = 1.0
+
+    @classmethod
+    def coerce(cls, delta: "Delta | dict | None") -> "Delta | None":
+        """A Delta from a Delta, a ``{name: (U, V)}`` dict, or None."""
+        if delta is None or isinstance(delta, Delta):
+            return delta
+        if isinstance(delta, dict):
+            return cls(dict(delta))
+        raise TypeError(f"delta must be a prosg.models.Delta, a dict {{name: (U, V)}} or None, got {type(delta)}")
+
+    def to(self, *args, **kwargs) -> "Delta":
+        """Moves (and casts) every factor like ``Tensor.to``."""
+        return Delta({k: (u.to(*args, **kwargs), v.to(*args, **kwargs)) for k, (u, v) in self.factors.items()},
+                     self.scale)
+
+    def detach(self) -> "Delta":
+        return Delta({k: (u.detach(), v.detach()) for k, (u, v) in self.factors.items()}, self.scale)
+
+    @property
+    def batch_size(self) -> int | None:
+        for u, _ in self.factors.values():
+            return u.shape[0]
+        return None
+
+    def parameters(self) -> list[Tensor]:
+        """Every factor tensor (U then V of each module), e.g. for an optimizer."""
+        return [t for uv in self.factors.values() for t in uv]
+
+
+def parse_delta_name(name: str) -> tuple[int, str, str]:
+    """``'blocks.3.attention.key'`` -> ``(3, 'attention', 'key')``. A ``rwkv.`` prefix
+    and a ``.weight`` suffix (state-dict spelling) are accepted."""
+    bare = name.removeprefix("rwkv.").removesuffix(".weight")
+    m = _NAME.match(bare)
+    kinds = {"attention": ATTENTION_KINDS, "feed_forward": FEED_FORWARD_KINDS}
+    if m is None or m.group(3) not in kinds[m.group(2)]:
+        raise ValueError(
+            f"delta: unknown module name {name!r}; expected blocks.<i>.attention.{{{','.join(ATTENTION_KINDS)}}} "
+            f"or blocks.<i>.feed_forward.{{{','.join(FEED_FORWARD_KINDS)}}}")
+    return int(m.group(1)), m.group(2), m.group(3)

@@ -1,0 +1,92 @@
+"""Small random RWKV-4 models and deltas for tests (of this package and of code built
+on it). Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prosg.models.config import RWKV4Config
+from prosg.models.rwkv4 import RWKV4LM
+from prosg.models.state import Delta
+
+
+def tiny_config(**overrides) -> RWKV4Config:
+    """A few-layer config with odd sizes (so no code path relies on round numbers)."""
+    fields = dict(vocab_size=37, hidden_size=24, num_hidden_layers=3, intermediate_size=52, rescale_every=0)
+    fields.update(overrides)
+    return RWKV4Config(**fields)
+
+
+@torch.no_grad()
+def randomize_(model: RWKV4LM, seed: int = 0) -> RWKV4LM:
+    """Fills every parameter with random values of the scales a trained model has
+    (unit-variance activations, decays spread over ``exp(-exp(w))`` in (0, 1), mixes
+    in (0, 1), LayerNorm affine near identity), so that a test exercises every term;
+    the default initialisation leaves many of them trivial (zero embeddings, equal
+    ``time_first``). Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g, dtype=torch.float64)
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "time_decay":
+            value = randn(p) * 1.5 - 0.5
+        elif leaf == "time_first":
+            value = randn(p)
+        elif leaf.startswith("time_mix"):
+            value = torch.rand(p.shape, generator=g, dtype=torch.float64)
+        elif p.dim() == 1:  # LayerNorm affine (the only other vectors)
+            value = (1.0 if leaf == "weight" else 0.0) + 0.2 * randn(p)
+        elif name == "embeddings.weight":
+            value = randn(p)
+        else:  # projection matrices: variance-preserving
+            value = randn(p) / math.sqrt(p.shape[1])
+        p.copy_(value)
+    return model
+
+
+def random_model(config: RWKV4Config | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **overrides) -> RWKV4LM:
+    """``randomize_(RWKV4LM(config))`` in eval mode; ``overrides`` patch :func:`tiny_config`."""
+    config = config if config is not None else tiny_config(**overrides)
+    model = RWKV4LM(config, init=False)
+    randomize_(model, seed)
+    return model.to(dtype).eval()
+
+
+def random_delta(model: RWKV4LM, batch: int, rank: int | dict[str, int] = 2, names: list[str] | None = None,
+                 *, strength: float = 0.3, scale: float = 1.0, seed: int = 0,
+                 dtype: torch.dtype | None = None, requires_grad: bool = False) -> Delta:
+    """A per-sample delta on ``names`` (default: every module of
+    :meth:`RWKV4LM.delta_shapes`), with ``U_b V_b^T`` about ``strength`` times the size
+    of the weight it modifies (for unit-variance weights). ``rank`` may differ by module."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = model.delta_shapes()
+    names = list(shapes) if names is None else names
+    dtype = dtype or model.dtype
+    factors = {}
+    for name in names:
+        d_out, d_in = shapes[name]
+        r = rank[name] if isinstance(rank, dict) else rank
+        U = torch.randn(batch, d_out, r, generator=g, dtype=torch.float64) * (strength / math.sqrt(max(r, 1)))
+        V = torch.randn(batch, d_in, r, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+        U = U.to(model.device, dtype).requires_grad_(requires_grad)
+        V = V.to(model.device, dtype).requires_grad_(requires_grad)
+        factors[name] = (U, V)
+    return Delta(factors, scale)
+
+
+def merged_weights(model: RWKV4LM, delta: Delta, sample: int) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` with sample ``sample``'s delta merged into them
+    (``W + scale * U_b V_b^T``), for ``torch.func.functional_call``: the dense
+    reference of a delta run, differentiable in the factors."""
+    params = dict(model.named_parameters())
+    for name, (U, V) in delta.factors.items():
+        key = name.removeprefix("rwkv.").removesuffix(".weight") + ".weight"
+        W = params[key]
+        params[key] = W + delta.scale * (U[sample].to(W.dtype) @ V[sample].to(W.dtype).T)
+    return params
