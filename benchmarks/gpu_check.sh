@@ -1,0 +1,298 @@
+#!/usr/bin/env bash
+# One-shot check of prosg on a machine with a GPU: build, CUDA tests, compute-sanitizer,
+# CUDA benchmarks, the card's copy bandwidth, and a summary.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      # from the repository root
+#
+# OUT_DIR defaults to $OUT, else out/gpu_check. It receives one log per step
+# (<step>.log), steps.tsv (name, status, exit code, seconds), tests_cuda.xml (JUnit),
+# bench.json (pytest-benchmark), bandwidth.json and summary.md.
+#
+# Made for a lent machine with no package registry: it installs nothing but prosg itself
+# (pip --no-build-isolation --no-deps, against the torch already there) and needs torch,
+# pytest, pytest-benchmark and transformers to be present. The extension is built for
+# the visible GPU (TORCH_CUDA_ARCH_LIST is unset). Every step runs under `timeout`, and
+# a failed step is recorded without stopping the later ones; the whole run stays within
+# GPU_CHECK_BUDGET seconds (default 450, i.e. under 8 minutes with the summary).
+#
+# Environment: GPU_CHECK_BUDGET (s), MAX_JOBS (default 16), BENCH_ARGS (extra pytest
+# arguments for the benchmarks, e.g. "--bench-shapes=small"), PYTHON (default python).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${1:-${OUT:-out/gpu_check}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PYTHON=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+export MAX_JOBS=${MAX_JOBS:-16}
+START=$SECONDS
+STEPS="$OUT/steps.tsv"
+printf 'step\tstatus\texit\tseconds\n' > "$STEPS"
+
+# run_step NAME MAX_SECONDS COMMAND: runs COMMAND with bash under a timeout of
+# min(MAX_SECONDS, what is left of the budget less 15 s for the summary), logs to
+# $OUT/NAME.log and records the outcome.
+run_step() {
+  local name=$1 max=$2 cmd=$3
+  local left=$((BUDGET - (SECONDS - START) - 15))
+  local limit=$((max < left ? max : left))
+  local log="$OUT/$name.log"
+  if [ "$limit" -lt 5 ]; then
+    printf '%s\tskipped (time budget)\t-\t0\n' "$name" >> "$STEPS"
+    echo "=== $name: skipped, the time budget is spent"
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $cmd"
+  local t0=$SECONDS rc=0
+  timeout -k 10 "$limit" bash -c "$cmd" > "$log" 2>&1 || rc=$?
+  local took=$((SECONDS - t0)) status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status="timeout (${limit}s)"
+  elif [ "$rc" -ne 0 ]; then
+    status=FAILED
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$took" >> "$STEPS"
+  echo "--- $name: $status (exit $rc, ${took}s); last lines of $log:"
+  tail -n 15 "$log"
+}
+
+find_sanitizer() {
+  local c
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+    /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
+    /usr/local/cuda-*/bin/compute-sanitizer; do
+    if [ -n "$c" ] && [ -x "$c" ]; then
+      echo "$c"
+      return
+    fi
+  done
+}
+
+# Exercises every op forward and backward on CUDA at small, odd sizes (non-multiples
+# of the tile widths, strided inputs) so that the sanitizer sees each kernel's edges.
+cat > "$OUT/sanitize_ops.py" <<'EOF'
+import sys
+import traceback
+
+import torch
+
+import prosg
+from prosg.ops import lowrank_linear, wkv4
+
+dev = "cuda"
+failed = missing = 0
+
+
+def case(name, fn):
+    global failed, missing
+    try:
+        fn()
+        torch.cuda.synchronize()
+        print(f"ok       {name}", flush=True)
+    except NotImplementedError as e:  # no CUDA kernel registered for this op
+        missing += 1
+        print(f"MISSING  {name}: {str(e).splitlines()[0]}", flush=True)
+    except Exception:
+        failed += 1
+        print(f"FAILED   {name}", flush=True)
+        traceback.print_exc()
+
+
+def grads(out, tensors):
+    loss = sum((o.float() * torch.randn_like(o.float())).sum() for o in out)
+    loss.backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in tensors)
+
+
+def lowrank(dtype, B, T, Din, Dout, r, bias, three_d, strided):
+    def run():
+        x = torch.randn(B, T, Din + strided, device=dev, dtype=dtype)[..., :Din]
+        if not three_d:
+            x = x[:, 0]
+        x.requires_grad_(True)
+        W = torch.randn(Dout, Din, device=dev, dtype=dtype, requires_grad=True)
+        b = torch.randn(Dout, device=dev, dtype=dtype, requires_grad=True) if bias else None
+        U = torch.randn(B, Dout, r, device=dev, dtype=dtype, requires_grad=True)
+        V = torch.randn(B, Din, r, device=dev, dtype=dtype, requires_grad=True)
+        y = lowrank_linear(x, W, b, U, V, 0.5)
+        grads([y], [t for t in (x, W, b, U, V) if t is not None])
+    return run
+
+
+def wkv(dtype, B, T, C, r, state, lowrank_kv):
+    def run():
+        kw = dict(device=dev, dtype=dtype)
+        td = torch.randn(C, device=dev, requires_grad=True)
+        tf = torch.randn(C, device=dev, requires_grad=True)
+        k = torch.randn(B, T, C, **kw, requires_grad=True)
+        v = torch.randn(B, T, C, **kw, requires_grad=True)
+        s = None
+        leaves = [td, tf, k, v]
+        if state:
+            s = torch.randn(B, 3, C, device=dev)
+            s[:, 1].abs_()
+            s.requires_grad_(True)
+            leaves.append(s)
+        klr = vlr = None
+        if lowrank_kv:
+            kz, ku = torch.randn(B, T, r, **kw, requires_grad=True), torch.randn(B, C, r, **kw, requires_grad=True)
+            vz, vu = torch.randn(B, T, r, **kw, requires_grad=True), torch.randn(B, C, r, **kw, requires_grad=True)
+            klr, vlr = (kz, ku), (vz, vu)
+            leaves += [kz, ku, vz, vu]
+        out, state_out = wkv4(td, tf, k, v, s, key_lowrank=klr, value_lowrank=vlr)
+        grads([out, state_out], leaves)
+    return run
+
+
+print(prosg.backends(), flush=True)
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    n = str(dtype).removeprefix("torch.")
+    case(f"lowrank_linear {n} 3d bias", lowrank(dtype, 3, 37, 65, 129, 5, True, True, 0))
+    case(f"lowrank_linear {n} 2d strided", lowrank(dtype, 5, 1, 33, 17, 3, False, False, 3))
+    case(f"lowrank_linear {n} r=1", lowrank(dtype, 2, 9, 255, 7, 1, True, True, 1))
+    case(f"wkv4 {n} plain", wkv(dtype, 2, 33, 67, 0, False, False))
+    case(f"wkv4 {n} state+lowrank", wkv(dtype, 3, 65, 131, 4, True, True))
+print(f"{failed} failed, {missing} without a CUDA kernel", flush=True)
+sys.exit(1 if failed else 0)
+EOF
+
+# Device-to-device copy bandwidth: a 1 GiB copy timed with CUDA events. Each byte is
+# read once and written once, so the memory traffic is twice the copy size.
+cat > "$OUT/bandwidth.py" <<'EOF'
+import json
+import sys
+
+import torch
+
+nbytes = 1 << 30
+x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+y = torch.empty_like(x)
+for _ in range(3):
+    y.copy_(x)
+torch.cuda.synchronize()
+times = []
+for _ in range(20):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    y.copy_(x)
+    b.record()
+    b.synchronize()
+    times.append(a.elapsed_time(b) / 1e3)
+best, median = min(times), sorted(times)[len(times) // 2]
+result = {
+    "device": torch.cuda.get_device_name(),
+    "copy_bytes": nbytes,
+    "best_s": best,
+    "median_s": median,
+    "traffic_GBps_best": 2 * nbytes / best / 1e9,
+    "traffic_GBps_median": 2 * nbytes / median / 1e9,
+}
+json.dump(result, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(result, indent=1))
+EOF
+
+run_step env 30 "nvidia-smi; echo; command -v nvcc && nvcc --version; ls -d /usr/local/cuda* 2>/dev/null; \
+  $PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+  torch.cuda.get_device_name() if torch.cuda.is_available() else \"NO CUDA DEVICE\")'; nproc; free -g"
+
+run_step bandwidth 60 "$PYTHON '$OUT/bandwidth.py' '$OUT/bandwidth.json'"
+
+# --no-deps: nothing to fetch on a machine without a registry. Editable, so that
+# `python -m pytest` from the repository root imports the built tree.
+run_step build 240 "unset TORCH_CUDA_ARCH_LIST; export PROSG_CUDA=1; \
+  $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -m prosg info"
+
+run_step tests_cuda 150 "export PROSG_EXPECT_CUDA=1; \
+  $PYTHON -m pytest tests -q -m cuda --junitxml='$OUT/tests_cuda.xml' && \
+  $PYTHON -m pytest -q tests/test_build.py::test_installed_build_holds_what_was_asked tests/test_cli.py"
+
+run_step bench_cuda 150 "$PYTHON -m pytest benchmarks -q --bench-devices=cuda \
+  --benchmark-json='$OUT/bench.json' --benchmark-columns=min,median,mean,stddev,rounds ${BENCH_ARGS:-}"
+
+SANITIZER=$(find_sanitizer)
+if [ -n "$SANITIZER" ]; then
+  # No caching allocator under the sanitizer: out-of-bounds accesses that land inside a
+  # cached block would go unseen.
+  run_step memcheck 120 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 99 \
+    --print-limit 20 $PYTHON '$OUT/sanitize_ops.py'"
+  run_step racecheck 90 "'$SANITIZER' --tool racecheck --racecheck-report hazard --error-exitcode 99 \
+    --print-limit 20 $PYTHON '$OUT/sanitize_ops.py'"
+else
+  printf 'memcheck\tskipped (no compute-sanitizer)\t-\t0\n' >> "$STEPS"
+  printf 'racecheck\tskipped (no compute-sanitizer)\t-\t0\n' >> "$STEPS"
+  echo "=== compute-sanitizer not found: memcheck and racecheck skipped"
+fi
+
+# The summary: steps, the card, bandwidth, test counts, benchmark medians.
+$PYTHON - "$OUT" "$((SECONDS - START))" <<'EOF'
+import json
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+out, total = Path(sys.argv[1]), int(sys.argv[2])
+lines = ["# prosg GPU check", ""]
+env = (out / "env.log").read_text(errors="replace").splitlines() if (out / "env.log").exists() else []
+torch_line = next((l for l in env if l.startswith("torch ")), "torch: unknown")
+lines += [f"- {torch_line}", f"- total: {total} s", ""]
+
+lines += ["## Steps", "", "| step | status | exit | seconds |", "| --- | --- | --- | --- |"]
+rows = [l.split("\t") for l in (out / "steps.tsv").read_text().splitlines()[1:] if l]
+lines += [f"| {' | '.join(r)} |" for r in rows]
+failed = [r[0] for r in rows if r[1] != "ok"]
+lines += ["", f"**{'all steps ok' if not failed else 'not ok: ' + ', '.join(failed)}**", ""]
+
+bw = out / "bandwidth.json"
+if bw.exists():
+    b = json.loads(bw.read_text())
+    lines += ["## Copy bandwidth", "",
+              f"{b['device']}: 1 GiB device-to-device copy, read+write traffic "
+              f"{b['traffic_GBps_best']:.0f} GB/s best, {b['traffic_GBps_median']:.0f} GB/s median "
+              f"({b['best_s'] * 1e3:.3f} ms best).", ""]
+
+xml = out / "tests_cuda.xml"
+if xml.exists():
+    root = ET.parse(xml).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    a = suite.attrib
+    lines += ["## CUDA tests", "",
+              f"{a.get('tests')} tests: {a.get('failures')} failures, {a.get('errors')} errors, "
+              f"{a.get('skipped')} skipped ({float(a.get('time', 0)):.1f} s).", ""]
+    bad = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+           if c.find("failure") is not None or c.find("error") is not None]
+    lines += [f"- FAILED {n}" for n in bad[:30]] + ([""] if bad else [])
+
+bench = out / "bench.json"
+if bench.exists():
+    data = json.loads(bench.read_text())
+    groups = defaultdict(dict)
+    for b in data["benchmarks"]:
+        impl = b.get("extra_info", {}).get("impl", b["name"])
+        groups[b.get("group") or b["name"]][impl] = b["stats"]["median"]
+    lines += ["## CUDA benchmarks (median, us)", "", "| group | " + "implementations (median us; ratio to prosg) |",
+              "| --- | --- |"]
+    for g, impls in groups.items():
+        base = impls.get("prosg")
+        cells = []
+        for k, v in impls.items():
+            ratio = f"; {v / base:.2f}x" if base and k != "prosg" else ""
+            cells.append(f"{k} {v * 1e6:.1f}{ratio}")
+        lines.append(f"| {g} | {', '.join(cells)} |")
+    lines.append("")
+
+for tool in ("memcheck", "racecheck"):
+    log = out / f"{tool}.log"
+    if log.exists():
+        tail = [l for l in log.read_text(errors="replace").splitlines() if "ERROR SUMMARY" in l or "failed," in l]
+        lines += [f"## {tool}", "", *[f"    {l}" for l in tail[-3:]], ""]
+
+(out / "summary.md").write_text("\n".join(lines))
+print("\n".join(lines))
+EOF
+
+echo "=== gpu_check done in $((SECONDS - START))s; results in $OUT"
+# The exit status says whether every step passed.
+! grep -qP '\t(FAILED|timeout)' "$STEPS"
