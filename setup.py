@@ -13,6 +13,10 @@ Environment:
                         torch are present; a visible GPU is not needed)
   TORCH_CUDA_ARCH_LIST  CUDA archs; default: the visible GPU's, else "9.0+PTX"
   MAX_JOBS              parallel compile jobs (honoured by ninja via cpp_extension)
+  PROSG_CPU_ISA=auto|avx512|avx2|generic
+                        instruction set of the CPU kernels (at::vec::Vectorized picks
+                        its registers at compile time in an extension). auto: avx2 on
+                        x86-64, generic elsewhere. `import prosg` checks the CPU.
   PROSG_DEBUG=1         -O0 -g
 """
 
@@ -74,6 +78,34 @@ def _nvidia_include_dirs() -> list[str]:
     return dirs
 
 
+# -march flags and the at::vec capability each CPU instruction set compiles with.
+_CPU_ISAS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"], "AVX512"),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+    "generic": ([], None),
+}
+
+
+def _cpu_isa() -> str:
+    isa = os.environ.get("PROSG_CPU_ISA", "auto").strip().lower()
+    if isa == "auto":
+        import platform
+
+        isa = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
+    if isa not in _CPU_ISAS:
+        sys.exit(f"PROSG_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
+    return isa
+
+
+def _write_build_config(isa: str, with_cuda: bool) -> None:
+    """prosg/_build_config.py: what `import prosg` checks before loading the kernels."""
+    (ROOT / "prosg" / "_build_config.py").write_text(
+        "# Written by setup.py at build time.\n"
+        f"CPU_ISA = {isa!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+    )
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern), recursive=True))
 
@@ -83,9 +115,15 @@ def _extension():
     debug = os.environ.get("PROSG_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"]
+    isa = _cpu_isa()
+    march, capability = _CPU_ISAS[isa]
+    cxx += march
     sources = ["bindings/torch_bindings.cpp"] + _sources("csrc/*/*.cpp") + _sources("csrc/**/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
-    macros = [("PROSG_TORCH_VERSION", '"' + torch.__version__ + '"')]
+    macros = [("PROSG_TORCH_VERSION", '"' + torch.__version__ + '"'), ("PROSG_CPU_ISA", f'"{isa}"')]
+    if capability:
+        macros += [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)]
+    _write_build_config(isa, with_cuda)
     if not with_cuda:
         return CppExtension(
             "prosg._C", sources, include_dirs=include_dirs, define_macros=macros,

@@ -61,5 +61,6 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(mod, "openmp", 0);
 #endif
   PyModule_AddStringConstant(mod, "torch_version", PROSG_TORCH_VERSION);
+  PyModule_AddStringConstant(mod, "cpu_isa", PROSG_CPU_ISA);
   return mod;
 }

@@ -9,8 +9,32 @@ from __future__ import annotations
 
 import torch
 
-from prosg import _C  # noqa: F401  (registers torch.ops.prosg.*)
-from prosg import ops  # noqa: F401
+
+def _check_cpu_isa() -> None:
+    """Fail with a clear message, not SIGILL, when the kernels were built for vector
+    instructions this CPU lacks (see PROSG_CPU_ISA in setup.py)."""
+    try:
+        from prosg._build_config import CPU_ISA
+    except ImportError:  # pragma: no cover - a source tree that was never built
+        raise ImportError("prosg is not built: run `pip install --no-build-isolation .` in the source tree") from None
+    needs = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}.get(CPU_ISA, ())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return  # cannot tell (not Linux): trust the build
+    missing = [flag for flag in needs if flag not in flags]
+    if missing:
+        raise ImportError(f"prosg was built with PROSG_CPU_ISA={CPU_ISA} but this CPU lacks {', '.join(missing)}; "
+                          "rebuild with PROSG_CPU_ISA=generic (or avx2)")
+
+
+_check_cpu_isa()
+
+from prosg import _C  # noqa: E402,F401  (registers torch.ops.prosg.*)
+from prosg import ops  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
@@ -26,6 +50,7 @@ def backends() -> dict:
         "cuda_available": cuda and torch.cuda.is_available(),
         "built_with_torch": _C.torch_version,
         "running_torch": torch.__version__,
+        "cpu_isa": _C.cpu_isa,
         "openmp": bool(_C.openmp),
         "cpu_threads": torch.get_num_threads(),
     }
