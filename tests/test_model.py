@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import TOL, assert_close
+from tolerances import assert_close
 from torch.func import functional_call
 
 from prosg.models import RWKV4LM, Delta, RWKV4Config, RWKV4State
@@ -462,6 +462,28 @@ def test_pytorch_bin_and_dtype(tmp_path):
     torch.save(state, path / "pytorch_model.bin")
     again = RWKV4LM.from_pretrained(path, dtype=torch.bfloat16)
     assert again.dtype == torch.bfloat16 and again.blocks[1].attention.time_first.dtype == F32
+
+
+def test_sharded_safetensors(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = random_model(seed=32)
+    path = tmp_path / "sharded"
+    model.save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    state = {("head.weight" if k == "head.weight" else "rwkv." + k): v.contiguous()
+             for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(path / name), metadata={"format": "pt"})
+    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    again = RWKV4LM.from_pretrained(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
 
 
 def _to_blinkdl(model: RWKV4LM) -> dict[str, torch.Tensor]:
