@@ -141,10 +141,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor gx = empty_like_nothing(x), gw = empty_like_nothing(x), gb = empty_like_nothing(x);
   at::Tensor gu = empty_like_nothing(x), gv = empty_like_nothing(x);
 
-  // dL/dx = g (W + scale U_b V_b^T) = g W + scale (g U_b) V_b^T: the forward op with
-  // weight^T and the factors swapped.
+  // dL/dx = g (W + scale U_b V_b^T) = g W + scale (g U_b) V_b^T;
+  // dL/dU_b = scale g_b^T (x_b V_b);  dL/dV_b = scale x_b^T (g_b U_b).
+  // gz = g U_b serves both dL/dx and dL/dV, so it is computed once.
+  const bool delta = d.has_delta && d.rank > 0;
+  const at::Tensor gz = delta && (mask[0] || mask[4]) ? shrink(g3, *U, backend) : at::Tensor();
   if (mask[0]) {
-    gx = forward(grad_out, weight.t(), std::nullopt, V, U, scale, backend);
+    at::Tensor gx3 = at::linear(g3, weight.t()).contiguous();
+    if (gz.defined() && gx3.numel() > 0) expand(gz, *V, scale, gx3, backend);
+    gx = x.dim() == 3 ? gx3 : gx3.squeeze(1);
   }
   if (mask[1] || mask[2]) {
     // Explicit row count: reshape(-1, 0) is ambiguous when Dout or Din is 0.
@@ -153,16 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     if (mask[1]) gw = at::mm(g2.t(), x3.reshape({rows, d.din}));
     if (mask[2]) gb = g2.sum(0);
   }
-  if (d.has_delta && (mask[3] || mask[4])) {
+  if (d.has_delta) {
     const auto acc = acc_type(x);
-    // dL/dU_b = scale g_b^T (x_b V_b);  dL/dV_b = scale x_b^T (g_b U_b).
     if (mask[3]) {
-      const at::Tensor z = shrink(x3, *V, backend);
-      gu = at::bmm(g3.transpose(1, 2).to(acc), z).mul_(scale).to(x.scalar_type());
+      gu = delta ? at::bmm(g3.transpose(1, 2).to(acc), shrink(x3, *V, backend)).mul_(scale).to(x.scalar_type())
+                 : at::zeros_like(*U, at::MemoryFormat::Contiguous);
     }
     if (mask[4]) {
-      const at::Tensor gz = shrink(g3, *U, backend);
-      gv = at::bmm(x3.transpose(1, 2).to(acc), gz).mul_(scale).to(x.scalar_type());
+      gv = delta ? at::bmm(x3.transpose(1, 2).to(acc), gz).mul_(scale).to(x.scalar_type())
+                 : at::zeros_like(*V, at::MemoryFormat::Contiguous);
     }
   }
   return {gx, gw, gb, gu, gv};

@@ -35,7 +35,8 @@ constexpr int kThreads = 128;
 constexpr int64_t kMinChunkLen = 32;
 constexpr int kSegment = 16;
 
-// Inputs of one (b, c) thread: loads of the effective key and value of step t.
+// Inputs of one (b, c) thread: loads of the effective key and value of step t. It
+// refers to the kernel's __grid_constant__ parameters, so no per-thread copy is made.
 template <typename T>
 struct Inputs {
   const Wkv4Params& p;
@@ -80,7 +81,7 @@ __device__ __forceinline__ State<float> empty_state() { return {0.f, 0.f, wkv4::
 // state_in for a single chunk); end: where to write the end state, or null.
 template <typename T, bool kWriteOut>
 __global__ void __launch_bounds__(kThreads)
-    forward_chunks(Wkv4Params p, long long chunk_len, const float* start, float* end) {
+    forward_chunks(const __grid_constant__ Wkv4Params p, long long chunk_len, const float* start, float* end) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
   const long long b = blockIdx.y, chunk = blockIdx.z, B = p.batch, C = p.channels;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Step 2: workspace[chunk, b] holds chunk end states on entry and start states on exit.
 __global__ void __launch_bounds__(kThreads)
-    chunk_scan(Wkv4Params p, long long chunks, long long chunk_len, float* workspace) {
+    chunk_scan(const __grid_constant__ Wkv4Params p, long long chunks, long long chunk_len, float* workspace) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
   const long long b = blockIdx.y, B = p.batch, C = p.channels;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Wkv4Params p, float* checkpoints) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constant__ Wkv4Params p, float* checkpoints) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
   const long long b = blockIdx.y, B = p.batch, C = p.channels, T_ = p.seqlen;
