@@ -159,7 +159,8 @@ class RWKV4LM(nn.Module):
 
     Load weights with :meth:`from_pretrained` (a transformers checkpoint directory) or
     :meth:`from_blinkdl` (a BlinkDL ``.pth``); write them with :meth:`save_pretrained`.
-    ``RWKV4LM(config)`` initialises fresh weights the way RWKV-4 training does.
+    ``RWKV4LM(config)`` initialises fresh weights the way RWKV-4 training does;
+    ``init=False`` leaves them uninitialised (for loaders that assign every tensor).
 
     Rescaling: as in transformers, eval mode with ``config.rescale_every > 0`` halves
     the residual stream after every ``rescale_every`` blocks and scales the attention
