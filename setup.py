@@ -33,15 +33,24 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 
 
+def _is_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists()
+
+
 def _find_cuda_home() -> str | None:
-    """CUDA_HOME, CUDA_PATH, the nvcc on PATH, or /usr/local/cuda, in that order."""
+    """CUDA_HOME, CUDA_PATH, the nvcc on PATH, or /usr/local/cuda, in that order.
+
+    Each must be a whole toolkit (bin/nvcc and include/cuda_runtime.h): an nvcc on PATH
+    may be a wrapper script (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc)
+    whose grandparent directory is no toolkit; taking it compiled against the partial
+    headers of the nvidia wheels and failed on crt/host_config.h."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var) and Path(os.environ[var], "bin", "nvcc").exists():
             return os.environ[var]
     nvcc = shutil.which("nvcc")
-    if nvcc:
+    if nvcc and _is_toolkit(Path(nvcc).resolve().parent.parent):
         return str(Path(nvcc).resolve().parent.parent)
-    if Path("/usr/local/cuda/bin/nvcc").exists():
+    if _is_toolkit(Path("/usr/local/cuda")):
         return "/usr/local/cuda"
     return None
 
