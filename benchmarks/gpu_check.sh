@@ -242,8 +242,10 @@ lines += [f"- {torch_line}", f"- total: {total} s", ""]
 lines += ["## Steps", "", "| step | status | exit | seconds |", "| --- | --- | --- | --- |"]
 rows = [l.split("\t") for l in (out / "steps.tsv").read_text().splitlines()[1:] if l]
 lines += [f"| {' | '.join(r)} |" for r in rows]
-failed = [r[0] for r in rows if r[1] != "ok"]
-lines += ["", f"**{'all steps ok' if not failed else 'not ok: ' + ', '.join(failed)}**", ""]
+failed = [r[0] for r in rows if r[1] == "FAILED" or r[1].startswith("timeout")]
+skipped = [r[0] for r in rows if r[1].startswith("skipped")]
+verdict = "all steps ok" if not failed else "FAILED: " + ", ".join(failed)
+lines += ["", f"**{verdict}**" + (f" (skipped: {', '.join(skipped)})" if skipped else ""), ""]
 
 bw = out / "bandwidth.json"
 if bw.exists():
