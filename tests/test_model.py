@@ -301,6 +301,34 @@ def test_gradients_flow_in_float32_training_mode():
     assert model.blocks[0].attention.time_decay.grad is not None
 
 
+def test_device_matches_cpu_float64(device):
+    """The whole model on ``device`` (float32 and bfloat16; CUDA has no float64 wkv4)
+    against the CPU float64 dense reference: deltas, carried state, single-token step,
+    greedy generation."""
+    ref = random_model(num_hidden_layers=3, hidden_size=32, intermediate_size=72, vocab_size=61,
+                       rescale_every=2, seed=33).to(F64)
+    delta = random_delta(ref, batch=3, rank=4, scale=0.8, seed=34)
+    ids, nxt = torch.randint(0, 61, (3, 7)), torch.randint(0, 61, (3, 1))
+    with torch.no_grad():
+        expected = _merged_logits(ref, delta, ids)
+        _, ref_state = ref(ids, delta=delta)
+        expected_next = _merged_logits(ref, delta, nxt, ref_state)
+        for dtype in (F32, torch.bfloat16):
+            model = random_model(num_hidden_layers=3, hidden_size=32, intermediate_size=72, vocab_size=61,
+                                 rescale_every=2, seed=33).to_dtype(dtype).to(device)
+            d = delta.to(device)
+            tol = dict(atol=0.08, rtol=0.05) if dtype == torch.bfloat16 else {}
+            logits, state = model(ids.to(device), delta=d)
+            assert logits.device.type == device and state.wkv.dtype == F32
+            assert_close(logits, expected, dtype, f"{device} {dtype} logits", **tol)
+            logits, _ = model(nxt.to(device), state=state, delta=d)
+            assert_close(logits, expected_next, dtype, f"{device} {dtype} single-token step", **tol)
+        model = random_model(num_hidden_layers=3, hidden_size=32, intermediate_size=72, vocab_size=61,
+                             rescale_every=2, seed=33).to(device)
+        out = model.generate(ids.to(device), 6, delta.to(device, F32))
+        assert torch.equal(out.cpu(), model.cpu().generate(ids, 6, delta.to("cpu", F32)))
+
+
 # -------------------------------------------------------------------------- precision
 
 
