@@ -30,6 +30,7 @@ from prosg.data import (
     load_pairs,
     load_tokenizer,
     parse_prompt,
+    prompt_is_tagged,
     read_jsonl,
     save_examples,
     summarize,
@@ -62,7 +63,8 @@ def join(parts: list[list[str]], eos: bool = True) -> str:
 def test_vocab_ids_and_round_trip():
     tok = benchmark_tokenizer()
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sep_id, tok.stage_id) == (0, 1, 2, 3, 4)
-    assert tok.vocab_size == len(VOCAB) == len(set(VOCAB)) == 88
+    assert tok.vocab_size == len(VOCAB) == len(set(VOCAB)) == 104
+    assert tok.token_to_id("#1") == 88 and tok.token_to_id("#16") == 103
     text = "<bos> count 7 up 3 ; ramble ; <sep>"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -79,8 +81,8 @@ def test_vocab_errors():
         tok.encode("<bos> repeat zebra")
     with pytest.raises(UnknownTokenError, match="'a'"):
         tok.token_to_id("a")  # letters are upper-case; lower-case 'a' is not a token
-    with pytest.raises(ValueError, match=r"id 88 at position 1"):
-        tok.decode([1, 88])
+    with pytest.raises(ValueError, match=r"id 104 at position 1"):
+        tok.decode([1, 104])
     with pytest.raises(ValueError, match="appears twice"):
         SymbolTokenizer(["<pad>", "<bos>", "<eos>", "<sep>", "x", "x"])
     with pytest.raises(ValueError, match="must contain '<eos>'"):
@@ -216,6 +218,73 @@ def test_verify_missing_extra_empty_and_garbage():
         verify("repeat A ;", REF, 3)
 
 
+TAGGED = "<bos> #1 repeat A B ; #2 ramble ; #3 count 3 down 1 ; <sep>"
+TAGGED_REF = "#1 A B A B #2 the sun #3 3 2 1 <eos>"
+
+
+def test_tagged_prompts_and_verify():
+    assert [s.op for s in parse_prompt(TAGGED)] == ["repeat", "ramble", "count"]
+    assert prompt_is_tagged(TAGGED) and not prompt_is_tagged(PROMPT)
+    v = verify(TAGGED, TAGGED_REF, [4, 2, 3])
+    assert v.exact
+    # each span starts after its own tag
+    assert [s.distance for s in v.stages] == [s.actual_distance for s in v.stages] == [1, 6, 9]
+    # prompt: 16 tokens; op words at 2, 7, 10
+    assert [s.instruction_distance for s in v.stages] == [16 - 2 + 1, 16 - 7 + 6, 16 - 10 + 9]
+    # stages are found by their tag, so a skipped stage costs only itself
+    v = verify(TAGGED, "#1 A B A B #3 3 2 1 <eos>", [4, 2, 3])
+    assert [s.exact for s in v.stages] == [True, False, True] and v.stages[1].actual_distance is None
+    # text before the first tag, a repeated tag and a tag beyond K are extra segments
+    v = verify(TAGGED, "B B #1 A B A B #2 the sun #1 A #3 3 2 1 #4 C <eos>", [4, 2, 3])
+    assert [s.exact for s in v.stages] == [True, True, True]
+    assert (v.extra_segments, v.extra_tokens, v.exact) == (3, 4, False)
+    # an untagged response to a tagged prompt: everything is extra
+    v = verify(TAGGED, "A B A B | the sun | 3 2 1 <eos>", [4, 2, 3])
+    assert v.accuracy == 0.0 and v.extra_segments == 1 and v.extra_tokens == 11
+    # '|' inside a tagged span is a wrong token
+    assert verify(TAGGED, "#1 A B | B #2 the sun #3 3 2 1 <eos>", [4, 2, 3]).stages[0].correct == 3
+    bad = {
+        "<bos> #1 repeat A ; #3 repeat B ; <sep>": "stage 2 must start with the tag #2",
+        "<bos> #1 repeat A ; repeat B ; <sep>": "stage 2 must start with the tag #2",
+        "<bos> repeat A ; #2 repeat B ; <sep>": "stage 2 is tagged #2 but stage 1 is not",
+        "<bos> #1 ; <sep>": "empty instruction",
+        "<bos> #1 repeat #2 ; <sep>": "expected a letter",
+    }
+    for prompt, msg in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            parse_prompt(prompt)
+    seventeen = "<bos> " + " ".join(f"#{k} ramble ;" for k in range(1, 18)) + " <sep>"
+    with pytest.raises(ValueError, match="stage 17 must start with the tag #17 .*at most 16"):
+        parse_prompt(seventeen)
+
+
+def test_tagged_generation_matches_untagged():
+    plain = MultiStageConfig(stage_length=6, ramble_length=9)
+    tagged = MultiStageConfig(stage_length=6, ramble_length=9, tag_stages=True)
+    for a, b in zip(generate_examples(plain, 30, seed=7), generate_examples(tagged, 30, seed=7)):
+        # same seed, same instructions and ramble text; only the tags differ
+        assert [(s.op, s.args) for s in a.stages] == [(s.op, s.args) for s in b.stages]
+        assert [t for t in b.prompt.split() if not t.startswith("#")] == a.prompt.split()
+        strip = [t for t in b.response.split() if not t.startswith("#")]
+        assert strip == [t for t in a.response.split() if t != "|"]
+        assert b.tagged and not a.tagged and b.verify(b.response).exact
+        assert [s.distance for s in b.stages] == [s.distance + 1 for s in a.stages]
+        v = b.verify(b.response)
+        assert [s.actual_distance for s in v.stages] == [s.distance for s in b.stages]
+        ptoks = b.prompt.split()
+        assert [ptoks[s.prompt_position] for s in b.stages] == [s.op for s in b.stages]
+        assert [ptoks[s.prompt_position - 1] for s in b.stages] == [f"#{k}" for k in range(1, len(b.stages) + 1)]
+        pair = encode_example(b)
+        tags = [i for i, t in enumerate(b.response.split()) if t.startswith("#")]
+        # '#k+1' closes stage k, like '|' does untagged; '#1' opens stage 0
+        assert [pair.response_stage[i] for i in tags] == [0] + list(range(len(b.stages) - 1))
+        assert Example.from_dict(b.to_dict()) == b
+    with pytest.raises(ValueError, match="max_stages must be <= 16 with tag_stages"):
+        MultiStageConfig(max_stages=17, tag_stages=True)
+    with pytest.raises(ValueError, match="tag_stages must be a bool"):
+        MultiStageConfig(tag_stages=1)
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -257,6 +326,9 @@ def test_generation_config_options_and_errors():
             assert s.op in ("count", "ramble") and (s.op == "ramble" or s.args[2] == "1")
         assert e.verify(e.response).exact
     assert MultiStageConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    small = MultiStageConfig(num_letters=3, max_pattern=3, ops=("repeat", "alternate", "bounce", "letters"))
+    for e in generate_examples(small, 30, seed=0):
+        assert all(a in ("A", "B", "C") for s in e.stages for a in s.args if a.isalpha())
     only_ramble = MultiStageConfig(ops=("ramble",), ramble_last=True, min_stages=3, max_stages=3)
     assert all(s.op == "ramble" for s in generate_example(only_ramble, 0, 0).stages)
     bad = [
@@ -270,6 +342,8 @@ def test_generation_config_options_and_errors():
         (dict(ops=("ramble",)), "final stage"),
         (dict(max_step=26), "max_step"),
         (dict(max_pattern=True), "max_pattern"),
+        (dict(num_letters=1), "num_letters"),
+        (dict(num_letters=3, max_pattern=4), "max_pattern"),
     ]
     for kwargs, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -589,7 +663,9 @@ def test_cli_generate_and_score(tmp_path, capsys):
     assert "final stage" in capsys.readouterr().err
     assert load_examples(out) != [] and len(load_examples(out)) == 100  # the failed run left the file alone
     assert data_cli(["generate", "--seed", "1", "--n", "3", "--out", str(out), "--stage-length", "5",
-                     "--ramble-length", "0", "--max-stages", "5", "--ramble-last"]) == 0
+                     "--ramble-length", "0", "--max-stages", "5", "--ramble-last", "--tag-stages",
+                     "--num-letters", "4"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["ramble_length"] is None and info["config"]["ramble_last"] is True
-    assert all(s.length == 5 for e in load_examples(out) for s in e.stages)
+    assert info["config"]["tag_stages"] is True and info["config"]["num_letters"] == 4
+    assert all(s.length == 5 and e.tagged for e in load_examples(out) for s in e.stages)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-pattern", type=int)
     gen.add_argument("--max-step", type=int)
     gen.add_argument("--max-run", type=int)
+    gen.add_argument("--num-letters", type=int)
+    gen.add_argument("--tag-stages", action="store_true", default=None)
     gen.set_defaults(func=_generate)
 
     score = sub.add_parser("score", help="score predictions (JSONL of {id, response}) against a dataset")

@@ -24,6 +24,10 @@ see docs/benchmark.md):
 - ``letters S D``: letter ``(S + D*i) mod 26`` (``C E G I``)
 - ``ramble``: any filler words, free-form "story" text (``the cat sat on``)
 
+With ``MultiStageConfig(tag_stages=True)`` the instructions are numbered and each span
+opens with its number instead of ``|`` (``<bos> #1 repeat A B C ; #2 ... <sep>`` /
+``#1 A B C A ... #2 7 10 ... <eos>``): recall becomes a lookup of what followed ``#k``.
+
 ``ramble`` carries no information: it stands for the long free-form parts of a real
 response (the body of a story before its ending) and pushes later stages farther from
 the prompt. Its reference text is random filler words; any filler word is correct.
@@ -50,11 +54,13 @@ from prosg.data.vocab import (
     EOS,
     FILLER_WORDS,
     LETTERS,
+    MAX_TAGGED_STAGES,
     NUM_MODULUS,
     NUMBERS,
     PAD,
     SEP,
     STAGE,
+    STAGE_TAGS,
     SymbolTokenizer,
     benchmark_tokenizer,
 )
@@ -62,6 +68,7 @@ from prosg.data.vocab import (
 _LETTER_INDEX = {c: i for i, c in enumerate(LETTERS)}
 _NUMBER_INDEX = {c: i for i, c in enumerate(NUMBERS)}
 _FILLER = frozenset(FILLER_WORDS)
+_TAG_INDEX = {t: k for k, t in enumerate(STAGE_TAGS, start=1)}  # '#k' -> k
 
 
 # --------------------------------------------------------------------------- random draws
@@ -131,16 +138,16 @@ def _check_arity(op: str, args: Sequence[str], lo: int, hi: int) -> None:
 
 def _sample_args(op: str, rng: _Rng, cfg: MultiStageConfig) -> tuple[str, ...]:
     if op == "repeat":
-        return tuple(rng.sample(LETTERS, rng.randint(1, cfg.max_pattern)))
+        return tuple(rng.sample(LETTERS[: cfg.num_letters], rng.randint(1, cfg.max_pattern)))
     if op == "count":
         return (NUMBERS[rng.below(NUM_MODULUS)], rng.choice(("up", "down")), NUMBERS[rng.randint(1, cfg.max_step)])
     if op == "alternate":
-        x, y = rng.sample(LETTERS, 2)
+        x, y = rng.sample(LETTERS[: cfg.num_letters], 2)
         return (x, y, NUMBERS[rng.randint(1, cfg.max_run)])
     if op == "bounce":
-        return tuple(rng.sample(LETTERS, rng.randint(2, max(2, cfg.max_pattern))))
+        return tuple(rng.sample(LETTERS[: cfg.num_letters], rng.randint(2, max(2, cfg.max_pattern))))
     if op == "letters":
-        return (rng.choice(LETTERS), NUMBERS[rng.randint(1, cfg.max_step)])
+        return (rng.choice(LETTERS[: cfg.num_letters]), NUMBERS[rng.randint(1, cfg.max_step)])
     if op == "ramble":
         return ()
     raise AssertionError(op)
@@ -218,9 +225,9 @@ class Stage:
         """True for ``ramble``: any filler word is correct, nothing is recalled."""
         return self.op == "ramble"
 
-    def instruction(self) -> list[str]:
-        """Its prompt tokens, ``;`` included."""
-        return [self.op, *self.args, END]
+    def instruction(self, tag: int | None = None) -> list[str]:
+        """Its prompt tokens, ``;`` included, after the tag ``#tag`` when one is given."""
+        return ([STAGE_TAGS[tag - 1]] if tag is not None else []) + [self.op, *self.args, END]
 
     def expected(self, n: int) -> list[str] | None:
         """The exact output of ``n`` tokens, or None for a free-form stage."""
@@ -256,6 +263,13 @@ class MultiStageConfig:
             bounce: 2..max(2, max)).
         max_step: largest step of ``count`` and ``letters``.
         max_run: largest run length of ``alternate``.
+        num_letters: letters drawn for patterns and starts: the first ``num_letters`` of
+            ``A``-``Z`` (fewer: an easier task; ``letters`` output still wraps mod 26).
+        tag_stages: number the instructions and open each response span with its
+            number: ``<bos> #1 repeat A B ; #2 ... <sep>`` / ``#1 A B A B #2 ... <eos>``
+            (instead of ``|`` between spans). Recalling stage k then means looking up
+            what followed ``#k`` in the prompt rather than counting instructions. At
+            most 16 stages. The same seed draws the same instructions either way.
     """
 
     min_stages: int = 3
@@ -268,6 +282,8 @@ class MultiStageConfig:
     max_pattern: int = 4
     max_step: int = 3
     max_run: int = 3
+    num_letters: int = 26
+    tag_stages: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
@@ -285,7 +301,13 @@ class MultiStageConfig:
         _int("stage_length", 1)
         if self.ramble_length is not None:
             _int("ramble_length", 1)
-        _int("max_pattern", 1, len(LETTERS))
+        _int("num_letters", 2, len(LETTERS))
+        for name in ("ramble_last", "tag_stages"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MultiStageConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.tag_stages and self.max_stages > MAX_TAGGED_STAGES:
+            raise ValueError(f"MultiStageConfig.max_stages must be <= {MAX_TAGGED_STAGES} with tag_stages, got {self.max_stages}")
+        _int("max_pattern", 1, self.num_letters)
         _int("max_step", 1, len(LETTERS) - 1)  # letters wraps mod 26: a step of 26 is 0
         _int("max_run", 1, NUM_MODULUS - 1)
         if not self.ops:
@@ -343,9 +365,9 @@ class StageInfo:
     """Metadata of one stage of an example.
 
     ``distance``: tokens of the reference response before this stage's first token (its
-    distance from the prompt's end). ``prompt_position``: index of its instruction's first
-    token in the prompt; the instruction sits ``len(prompt) - prompt_position + distance``
-    tokens before the stage starts.
+    distance from the prompt's end). ``prompt_position``: index of its instruction's
+    operation word in the prompt; the instruction sits ``len(prompt) - prompt_position +
+    distance`` tokens before the stage starts.
     """
 
     op: str
@@ -383,6 +405,11 @@ class Example:
         return f"ms-{self.seed}-{self.index}" if self.seed is not None and self.index is not None else ""
 
     @property
+    def tagged(self) -> bool:
+        """Whether the stages are numbered (``MultiStageConfig.tag_stages``)."""
+        return prompt_is_tagged(self.prompt)
+
+    @property
     def lengths(self) -> list[int]:
         return [s.length for s in self.stages]
 
@@ -409,7 +436,8 @@ class Example:
             if not isinstance(s, Mapping) or not isinstance(s.get("length"), int) or isinstance(s["length"], bool):
                 raise ValueError(f"stages[{i}] must be an object with an int 'length', got {s!r}")
             lengths.append(s["length"])
-        rebuilt = _layout(parse_prompt(d["prompt"]), lengths)
+        stages, tagged = _parse(d["prompt"])
+        rebuilt = _layout(stages, lengths, tagged)
         for i, (s, r) in enumerate(zip(d["stages"], rebuilt)):
             # op/args/distance/prompt_position are optional (derived from the prompt and
             # lengths); when present they must agree, so stale metadata cannot slip in.
@@ -426,7 +454,17 @@ class Example:
 
 
 def parse_prompt(prompt: str | Sequence[str]) -> list[Stage]:
-    """The stages of a benchmark prompt ``<bos> op args ; ... ; <sep>``; ValueError if malformed."""
+    """The stages of a benchmark prompt ``<bos> op args ; ... ; <sep>`` (or the tagged
+    form ``<bos> #1 op args ; #2 ... ; <sep>``); ValueError if malformed."""
+    return _parse(prompt)[0]
+
+
+def prompt_is_tagged(prompt: str | Sequence[str]) -> bool:
+    """Whether a (valid) prompt numbers its instructions ``#1 .. #K``."""
+    return _parse(prompt)[1]
+
+
+def _parse(prompt: str | Sequence[str]) -> tuple[list[Stage], bool]:
     toks = prompt.split() if isinstance(prompt, str) else list(prompt)
     if not toks:
         raise ValueError("empty prompt")
@@ -437,11 +475,22 @@ def parse_prompt(prompt: str | Sequence[str]) -> list[Stage]:
         raise ValueError("the prompt holds no instruction")
     if body[-1] != END:
         raise ValueError(f"every instruction must end with {END!r}; the last one does not: {' '.join(body[-6:])}")
+    tagged = body[0] in _TAG_INDEX
     stages, current = [], []
     for tok in body:
         if tok == END:
+            k = len(stages) + 1
+            if tagged:
+                if not current or current[0] != STAGE_TAGS[min(k, MAX_TAGGED_STAGES) - 1] or k > MAX_TAGGED_STAGES:
+                    raise ValueError(
+                        f"stage {k} must start with the tag #{k} (a tagged prompt numbers its stages #1, #2, ... "
+                        f"in order, at most {MAX_TAGGED_STAGES}), got: {' '.join(current) or '(nothing)'}"
+                    )
+                current = current[1:]
+            elif current and current[0] in _TAG_INDEX:
+                raise ValueError(f"stage {k} is tagged {current[0]} but stage 1 is not: tag every stage or none")
             if not current:
-                raise ValueError(f"empty instruction (two {END!r} in a row, or {END!r} first) in stage {len(stages) + 1}")
+                raise ValueError(f"empty instruction (two {END!r} in a row, or {END!r} first) in stage {k}")
             try:
                 stages.append(Stage(current[0], tuple(current[1:])))
             except ValueError as e:
@@ -449,19 +498,22 @@ def parse_prompt(prompt: str | Sequence[str]) -> list[Stage]:
             current = []
         else:
             current.append(tok)
-    return stages
+    return stages, tagged
 
 
-def _layout(stages: Sequence[Stage], lengths: Sequence[int]) -> list[StageInfo]:
+def _layout(stages: Sequence[Stage], lengths: Sequence[int], tagged: bool) -> list[StageInfo]:
+    """Where each stage sits: untagged ``span | span | ... span <eos>``, tagged
+    ``#1 span #2 span ... #K span <eos>`` (each span after its own tag)."""
     if len(lengths) != len(stages):
         raise ValueError(f"{len(stages)} stage(s) in the prompt but {len(lengths)} stage length(s) given")
-    infos, distance, position = [], 0, 1  # position 0 is <bos>
-    for st, n in zip(stages, lengths):
+    tag = int(tagged)
+    infos, distance, position = [], tag, 1  # position 0 is <bos>
+    for k, (st, n) in enumerate(zip(stages, lengths), start=1):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"stage lengths must be ints >= 1, got {n!r}")
-        infos.append(StageInfo(st.op, st.args, n, distance, position))
-        distance += n + 1  # the span and the '|' (or <eos>) after it
-        position += len(st.instruction())
+        infos.append(StageInfo(st.op, st.args, n, distance, position + tag))  # position of the op word
+        distance += n + 1  # the span and the '|' / next tag / <eos> after it
+        position += len(st.instruction(k if tagged else None))
     return infos
 
 
@@ -480,15 +532,20 @@ def generate_example(config: MultiStageConfig, seed: int, index: int) -> Example
         op = rng.weighted(final_ops, final_w) if i == k - 1 else rng.weighted(config.ops, config.weights())
         stages.append(Stage(op, _sample_args(op, rng, config)))
     lengths = [config.length_of(s.op) for s in stages]
-    prompt = [BOS] + [t for s in stages for t in s.instruction()] + [SEP]
+    tagged = config.tag_stages
+    prompt = [BOS] + [t for i, s in enumerate(stages) for t in s.instruction(i + 1 if tagged else None)] + [SEP]
     response: list[str] = []
     for i, (s, n) in enumerate(zip(stages, lengths)):
         out = s.expected(n)
         if out is None:  # ramble: random filler words ("story" text)
             out = [rng.choice(FILLER_WORDS) for _ in range(n)]
+        if tagged:
+            response.append(STAGE_TAGS[i])
+        elif i > 0:
+            response.append(STAGE)
         response += out
-        response.append(STAGE if i < k - 1 else EOS)
-    return Example(" ".join(prompt), " ".join(response), tuple(_layout(stages, lengths)), seed, index)
+    response.append(EOS)
+    return Example(" ".join(prompt), " ".join(response), tuple(_layout(stages, lengths, tagged)), seed, index)
 
 
 def generate_examples(config: MultiStageConfig, n: int, seed: int, start: int = 0) -> list[Example]:
@@ -538,7 +595,9 @@ def encode_example(example: Example, tokenizer: SymbolTokenizer | None = None, *
     if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
         raise ValueError(f"example {example.id or '?'}: prompt has {len(prompt_ids)} tokens, over max_prompt_len={max_prompt_len}")
     response_ids = tok.encode(example.response)
-    stage_of = [i for i, s in enumerate(example.stages) for _ in range(s.length + 1)]
+    # untagged: span_0 | span_1 | ... span_K-1 <eos>; tagged: #1 span_0 #2 span_1 ... <eos>
+    stage_of = [0] if example.tagged else []
+    stage_of += [i for i, s in enumerate(example.stages) for _ in range(s.length + 1)]
     if len(stage_of) != len(response_ids):
         raise ValueError(
             f"example {example.id or '?'}: response has {len(response_ids)} tokens but its stages span {len(stage_of)}"
@@ -561,7 +620,7 @@ class StageScore:
     ``distance``: reference distance of the span's start from the prompt's end;
     ``actual_distance``: where the span starts in the scored response (None: the
     response has no such span). ``instruction_distance``: tokens from the instruction's
-    first token in the prompt to the span's start, in the reference layout.
+    operation word in the prompt to the span's start, in the reference layout.
     """
 
     index: int
@@ -627,17 +686,19 @@ def verify(
 
     ``lengths``: the stages' output lengths: one int for all, one per stage, or a config
     (``config.length_of(op)``). The response is cut at its first ``<eos>`` (trailing
-    ``<pad>`` are dropped when there is none) and split at ``|`` into spans, span k
-    scored against stage k; unknown symbols are just wrong tokens. A malformed *prompt*
-    raises ValueError: prompts come from the benchmark, so that is a caller bug.
+    ``<pad>`` are dropped when there is none) and split into spans: at ``|`` (span k is
+    the k-th piece), or for a tagged prompt at the tags (stage k's span follows the
+    first ``#k``; text before the first tag, repeated tags and tags beyond K are extra).
+    Unknown symbols are just wrong tokens. A malformed *prompt* raises ValueError:
+    prompts come from the benchmark, so that is a caller bug.
     """
-    stages = parse_prompt(prompt)
+    stages, tagged = _parse(prompt)
     prompt_len = len(prompt.split() if isinstance(prompt, str) else prompt)
     if isinstance(lengths, MultiStageConfig):
         lengths = stage_lengths(stages, lengths)
     elif isinstance(lengths, int) and not isinstance(lengths, bool):
         lengths = [lengths] * len(stages)
-    layout = _layout(stages, list(lengths))
+    layout = _layout(stages, list(lengths), tagged)
 
     toks = response.split() if isinstance(response, str) else [str(t) for t in response]
     terminated = EOS in toks
@@ -646,18 +707,46 @@ def verify(
     else:
         while toks and toks[-1] == PAD:
             toks.pop()
-    spans: list[list[str]] = [[]]
-    starts = [0]
-    for pos, t in enumerate(toks):
-        if t == STAGE:
-            spans.append([])
-            starts.append(pos + 1)
-        else:
-            spans[-1].append(t)
+    # spans[i] / starts[i]: tokens and start position of stage i's span, if the response has one
+    spans: list[list[str] | None] = [None] * len(stages)
+    starts: list[int | None] = [None] * len(stages)
+    extra_segments = extra_tokens = 0
+    if tagged:
+        # Label-based: stage k's span follows the first '#k'. Tokens before the first tag,
+        # after a repeated tag or a tag beyond K are extra, and so are those segments.
+        current: list[str] | None = None
+        for pos, t in enumerate(toks):
+            k = _TAG_INDEX.get(t)
+            if k is not None:
+                if k <= len(stages) and spans[k - 1] is None:
+                    current = spans[k - 1] = []
+                    starts[k - 1] = pos + 1
+                else:
+                    current = None
+                    extra_segments += 1
+            elif current is not None:
+                current.append(t)
+            else:
+                if pos == 0:
+                    extra_segments += 1  # text before the first tag
+                extra_tokens += 1
+    else:
+        # Ordinal: span i is the text between the i-th and (i+1)-th '|'.
+        pieces, piece_starts = [[]], [0]
+        for pos, t in enumerate(toks):
+            if t == STAGE:
+                pieces.append([])
+                piece_starts.append(pos + 1)
+            else:
+                pieces[-1].append(t)
+        for i in range(min(len(stages), len(pieces))):
+            spans[i], starts[i] = pieces[i], piece_starts[i]
+        extra = pieces[len(stages) :]
+        extra_segments, extra_tokens = len(extra), sum(len(p) for p in extra)
 
     scores = []
     for i, (st, info) in enumerate(zip(stages, layout)):
-        got = spans[i] if i < len(spans) else []
+        got = spans[i] or []
         correct, prefix = st.score(got, info.length)
         scores.append(
             StageScore(
@@ -671,12 +760,11 @@ def verify(
                 accuracy=correct / max(info.length, len(got)),
                 exact=correct == info.length and len(got) == info.length,
                 distance=info.distance,
-                actual_distance=starts[i] if i < len(spans) else None,
+                actual_distance=starts[i],
                 instruction_distance=prompt_len - info.prompt_position + info.distance,
             )
         )
-    extra = spans[len(stages) :]
-    return Verification(tuple(scores), len(extra), sum(len(s) for s in extra), terminated)
+    return Verification(tuple(scores), extra_segments, extra_tokens, terminated)
 
 
 def summarize(verifications: Iterable[Verification]) -> dict:
@@ -727,6 +815,7 @@ __all__ = [
     "generate_examples",
     "load_examples",
     "parse_prompt",
+    "prompt_is_tagged",
     "save_examples",
     "stage_lengths",
     "summarize",

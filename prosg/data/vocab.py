@@ -35,7 +35,13 @@ FILLER_WORDS: tuple[str, ...] = (
     "red", "and", "then", "saw", "hill", "sun", "sky", "old",
 )
 
-VOCAB: tuple[str, ...] = SPECIAL_TOKENS + OP_WORDS + LETTERS + NUMBERS + FILLER_WORDS
+# Stage tags ``#1`` .. ``#16`` of the tagged variant of the benchmark (numbered
+# instructions, each response span opened by its number). Appended after the rest so
+# the ids of the untagged vocabulary did not move.
+MAX_TAGGED_STAGES = 16
+STAGE_TAGS: tuple[str, ...] = tuple(f"#{k}" for k in range(1, MAX_TAGGED_STAGES + 1))
+
+VOCAB: tuple[str, ...] = SPECIAL_TOKENS + OP_WORDS + LETTERS + NUMBERS + FILLER_WORDS + STAGE_TAGS
 
 
 class UnknownTokenError(ValueError):
