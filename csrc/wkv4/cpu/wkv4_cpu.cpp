@@ -328,7 +328,12 @@ void for_each_task(const Wkv4Params& p, Fn&& fn) {
   const int64_t ranges = std::clamp<int64_t>((2 * threads + p.batch - 1) / std::max<int64_t>(1, p.batch), 1, max_ranges);
   const int64_t range_len = ((C + ranges - 1) / ranges + W - 1) / W * W;
   const int64_t per_sample = (C + range_len - 1) / range_len;
-  at::parallel_for(0, p.batch * per_sample, 1, [&](int64_t begin, int64_t end) {
+  // Tasks per thread: at least 2^15 channel-steps (T * range_len) of work, so that a
+  // small call (a decode step, a short prompt) runs inline: waking the thread pool
+  // costs more than such work, and milliseconds when other processes hold the cores.
+  // The split into ranges above does not depend on this, so neither do the results.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, p.seqlen * range_len));
+  at::parallel_for(0, p.batch * per_sample, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / per_sample, c0 = (i % per_sample) * range_len;
       fn(Task<scalar_t>(p, b, c0, std::min(C, c0 + range_len)));
