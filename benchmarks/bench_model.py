@@ -17,8 +17,10 @@ speed does not depend on them), ``rescale_every=6``. Side by side in each group:
 Run: ``pytest benchmarks -k bench_model`` (``--bench-devices=cpu,cuda`` as for the
 other benchmarks). Naming the file (``pytest benchmarks/bench_model.py``) currently
 collects every benchmark twice: once by pytest for the explicit path, once by
-``benchmarks/conftest.py``'s ``pytest_collect_file``. Timings on a shared machine are
-noisy: compare the ``min`` column.
+``benchmarks/conftest.py``'s ``pytest_collect_file``. On a shared, loaded CPU the
+wall-clock numbers swing by 2-4x between runs; single-threaded process time is stable
+to a few percent there:
+``OMP_NUM_THREADS=1 pytest benchmarks -k bench_model --benchmark-timer=time.process_time``.
 """
 
 from __future__ import annotations
