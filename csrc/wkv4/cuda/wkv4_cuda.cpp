@@ -44,7 +44,12 @@ std::tuple<at::Tensor, at::Tensor> wkv4_cuda(const at::Tensor& time_decay, const
                                              const at::Tensor& key, const at::Tensor& value, const Opt& state,
                                              const Opt& key_z, const Opt& key_u, const Opt& value_z,
                                              const Opt& value_u) {
-  const c10::cuda::CUDAGuard guard(key.device());
+  // The dispatcher picks these kernels when any argument is on CUDA, whether key is
+  // or not. CUDAGuard(key.device()) would then fail an internal assert for a CPU key
+  // before the argument check that names the misplaced tensor, so the device guard is
+  // set only for a CUDA key and validation reports the device mix (as lowrank_linear).
+  c10::cuda::OptionalCUDAGuard guard;
+  if (key.is_cuda()) guard.set_device(key.device());
   return forward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, kCuda);
 }
 
@@ -52,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_back
     const at::Tensor& time_decay, const at::Tensor& time_first, const at::Tensor& key, const at::Tensor& value,
     const Opt& state, const Opt& key_z, const Opt& key_u, const Opt& value_z, const Opt& value_u,
     const at::Tensor& grad_out, const at::Tensor& grad_state_out) {
-  const c10::cuda::CUDAGuard guard(key.device());
+  c10::cuda::OptionalCUDAGuard guard;  // see wkv4_cuda
+  if (key.is_cuda()) guard.set_device(key.device());
   return backward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, grad_out,
                   grad_state_out, kCuda);
 }
