@@ -16,14 +16,15 @@
 # GPU_CHECK_BUDGET seconds (default 450, i.e. under 8 minutes with the summary).
 #
 # Environment: GPU_CHECK_BUDGET (s), MAX_JOBS (default 16), BENCH_ARGS (extra pytest
-# arguments for the benchmarks, e.g. "--bench-shapes=small"), PYTHON (default python).
+# arguments for the benchmarks, e.g. "--bench-shapes=small"), PYTHON (default: python, else
+# python3).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-${OUT:-out/gpu_check}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 export MAX_JOBS=${MAX_JOBS:-16}
 START=$SECONDS
@@ -199,10 +200,26 @@ run_step env 30 "nvidia-smi; echo; command -v nvcc && nvcc --version; ls -d /usr
 
 run_step bandwidth 60 "$PYTHON '$OUT/bandwidth.py' '$OUT/bandwidth.json'"
 
-# --no-deps: nothing to fetch on a machine without a registry. Editable, so that
-# `python -m pytest` from the repository root imports the built tree.
-run_step build 240 "unset TORCH_CUDA_ARCH_LIST; export PROSG_CUDA=1; \
-  $PYTHON -m pip install --no-build-isolation --no-deps -e . && $PYTHON -m prosg info"
+# The build for the visible GPU. --no-deps: nothing to fetch on a machine without a
+# registry. Editable, so that `python -m pytest` from the repository root imports the
+# built tree. PIP_BREAK_SYSTEM_PACKAGES: the lent machine's Python may be a distribution's
+# (PEP 668) and the machine is thrown away after. If pip itself fails before compiling
+# (an old setuptools without editable wheels, say), build in place instead: the same
+# extension, lacking only the `prosg` console script.
+cat > "$OUT/build.sh" <<EOF
+set -o pipefail
+unset TORCH_CUDA_ARCH_LIST
+export PROSG_CUDA=1 PIP_BREAK_SYSTEM_PACKAGES=1
+rc=0
+$PYTHON -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee "$OUT/pip.log" || rc=\$?
+if [ "\$rc" -ne 0 ]; then
+  if grep -q "Error compiling objects" "$OUT/pip.log"; then exit "\$rc"; fi
+  echo "=== pip failed before compiling: python setup.py build_ext --inplace"
+  $PYTHON setup.py build_ext --inplace || exit
+fi
+$PYTHON -m prosg info
+EOF
+run_step build 240 "bash '$OUT/build.sh'"
 
 run_step tests_cuda 150 "export PROSG_EXPECT_CUDA=1; \
   $PYTHON -m pytest tests -q -m cuda --junitxml='$OUT/tests_cuda.xml' && \
