@@ -40,6 +40,24 @@ TORCH_LIBRARY(prosg, m) {
       "wkv4_backward(Tensor time_decay, Tensor time_first, Tensor key, Tensor value, Tensor? state, "
       "Tensor? key_z, Tensor? key_u, Tensor? value_z, Tensor? value_u, Tensor grad_out, "
       "Tensor grad_state_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // One RWKV-4 time-mix step for a batch of single tokens (decoding, inference only):
+  // token-shift mixes, the key/value/receptance/output projections with optional
+  // per-sample deltas (deltas = [U_k, V_k, U_v, V_v, U_r, V_r, U_o, V_o], each pair
+  // both or neither), the WKV state update and the receptance gate. x, shift [B,H];
+  // wkv_state [B,3,C] float32. Returns (out [B,H], wkv_state_out [B,3,C]).
+  m.def(
+      "rwkv4_time_mix_step(Tensor x, Tensor shift, Tensor wkv_state, Tensor time_mix_key, "
+      "Tensor time_mix_value, Tensor time_mix_receptance, Tensor time_decay, Tensor time_first, "
+      "Tensor key_weight, Tensor value_weight, Tensor receptance_weight, Tensor output_weight, "
+      "Tensor?[] deltas, float scale) -> (Tensor, Tensor)");
+
+  // One RWKV-4 channel-mix step for a batch of single tokens (inference only):
+  // sigmoid(xr Wr^T) * (relu(xk Wk^T)^2 Wv^T) with the token-shift mixes and optional
+  // per-sample deltas = [U_k, V_k, U_r, V_r, U_v, V_v]. x, shift [B,H]. Returns out [B,H].
+  m.def(
+      "rwkv4_channel_mix_step(Tensor x, Tensor shift, Tensor time_mix_key, Tensor time_mix_receptance, "
+      "Tensor key_weight, Tensor receptance_weight, Tensor value_weight, Tensor?[] deltas, float scale) -> Tensor");
 }
 
 // ``import prosg._C`` loads this library (and so runs the registrations above). The

@@ -18,6 +18,10 @@ struct Backend {
   void (*expand)(const LowrankExpandParams&);
 };
 
+// The registered backends, for other ops' host code that runs perturbed projections.
+const Backend& cpu_backend();
+const Backend& cuda_backend();  // defined only in CUDA builds
+
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V, double scale,
                    const Backend& backend);

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from prosg.models.config import RWKV4Config
 from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, Delta, RWKV4State, _acc_dtype, parse_delta_name
-from prosg.ops import lowrank_linear, wkv4
+from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
 
 # ---------------------------------------------------------------------------------
 # DEVELOPMENT SWITCH: True routes the recurrence through the float64 reference
@@ -65,6 +65,17 @@ def _fused_factor(x: Tensor, uv: LowRank | None, scale: float) -> LowRank | None
     return (z if scale == 1.0 else z * scale), U
 
 
+def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank]) -> bool:
+    """Whether a single token takes the fused decode-step op: it has no backward, so
+    only when nothing needs a gradient (generation runs under no_grad)."""
+    if x.dim() != 2 or _USE_WKV4_REFERENCE:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(p.requires_grad for p in module.parameters())
+                or any(t.requires_grad for uv in delta.values() for t in uv))
+
+
 def _token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """The previous token's vector at every position: ``[prev, x_0, ..., x_{T-2}]``
     (zeros before the first token of a sequence without state). A single token
@@ -97,6 +108,17 @@ class RWKV4TimeMix(nn.Module):
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """``x``: the ``ln1`` output, ``[B, T, H]`` or ``[B, H]`` for one token.
         Returns ``(output, x of the last token, WKV state)``."""
+        if _fused_step(self, x, delta):
+            if wkv_state is None:
+                wkv_state = torch.zeros(x.shape[0], 3, self.time_decay.shape[0], dtype=_acc_dtype(x.dtype),
+                                        device=x.device)
+                wkv_state[:, 2] = -1e38
+            out, wkv_state = rwkv4_time_mix_step(
+                x, prev if prev is not None else torch.zeros_like(x), wkv_state, self.time_mix_key,
+                self.time_mix_value, self.time_mix_receptance, self.time_decay, self.time_first, self.key.weight,
+                self.value.weight, self.receptance.weight, self.output.weight,
+                [delta.get(kind) for kind in ("key", "value", "receptance", "output")], scale)
+            return out, x, wkv_state
         shifted = _token_shift(x, prev)
         # lerp(a, b, m) = a + m (b - a): HF's x m + shifted (1 - m) in one kernel.
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
@@ -132,6 +154,12 @@ class RWKV4ChannelMix(nn.Module):
     def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
                 scale: float) -> tuple[Tensor, Tensor]:
         """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
+        if _fused_step(self, x, delta):
+            out = rwkv4_channel_mix_step(
+                x, prev if prev is not None else torch.zeros_like(x), self.time_mix_key, self.time_mix_receptance,
+                self.key.weight, self.receptance.weight, self.value.weight,
+                [delta.get(kind) for kind in ("key", "receptance", "value")], scale)
+            return out, x
         shifted = _token_shift(x, prev)
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))

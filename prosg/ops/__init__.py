@@ -2,6 +2,7 @@
 formulas and fake kernels, so they run under ``torch.compile(fullgraph=True)``."""
 
 from prosg.ops.lowrank_linear import lowrank_linear
+from prosg.ops.rwkv4_step import rwkv4_channel_mix_step, rwkv4_time_mix_step
 from prosg.ops.wkv4 import wkv4
 
-__all__ = ["lowrank_linear", "wkv4"]
+__all__ = ["lowrank_linear", "rwkv4_channel_mix_step", "rwkv4_time_mix_step", "wkv4"]

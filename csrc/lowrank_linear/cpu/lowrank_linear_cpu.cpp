@@ -129,6 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_l
 
 }  // namespace
 
+const Backend& cpu_backend() { return kCpu; }
+
 TORCH_LIBRARY_IMPL(prosg, CPU, m) {
   m.impl("lowrank_linear", &lowrank_linear_cpu);
   m.impl("lowrank_linear_backward", &lowrank_linear_backward_cpu);

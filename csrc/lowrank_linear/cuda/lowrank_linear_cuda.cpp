@@ -47,6 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_l
 
 }  // namespace
 
+const Backend& cuda_backend() { return kCuda; }
+
 TORCH_LIBRARY_IMPL(prosg, CUDA, m) {
   m.impl("lowrank_linear", &lowrank_linear_cuda);
   m.impl("lowrank_linear_backward", &lowrank_linear_backward_cuda);
