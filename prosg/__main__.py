@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what this build holds (backends, archs, torch)")
     info.set_defaults(func=_info)
+    # The method's commands (pretrain, train, eval, demo) register themselves.
+    from prosg.method.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""ProSG itself: the synthetic-gradient generator, training and evaluation."""
