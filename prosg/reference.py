@@ -45,9 +45,9 @@ def wkv4_ref(
     w = -torch.exp(time_decay.double())
     u = time_first.double()
     if state is None:
-        a = torch.zeros_like(k[:, 0])
-        b = torch.zeros_like(k[:, 0])
-        p = torch.full_like(k[:, 0], -1e38)
+        a = k.new_zeros(k.shape[0], k.shape[2])
+        b = k.new_zeros(k.shape[0], k.shape[2])
+        p = k.new_full((k.shape[0], k.shape[2]), -1e38)
     else:
         a, b, p = state.double().unbind(1)
     outs = []
