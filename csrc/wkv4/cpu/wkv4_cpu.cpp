@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -129,7 +130,11 @@ struct Task {
               const std::vector<acc_t>& packed, const acc_t* zt, int64_t t, int64_t c) const {
     const auto* ptr = static_cast<const scalar_t*>(base) + b * bs + t * ts + (c_begin + c) * cs;
     F x = load_lanes<F, acc_t>(ptr, cs);
-    for (int64_t j = 0; j < lr.rank; ++j) x = x + F(zt[j]) * load_lanes<F, acc_t>(packed.data() + j * len + c, 1);
+    for (int64_t j = 0; j < lr.rank; ++j) {
+      // An explicit FMA: -std=c++20 turns off GCC's contraction of a * b + c.
+      if constexpr (Lanes<F>::n == 1) x = std::fma(zt[j], packed[j * len + c], x);
+      else x = at::vec::fmadd(F(zt[j]), F::loadu(packed.data() + j * len + c), x);
+    }
     return x;
   }
   template <typename F>
