@@ -1,0 +1,317 @@
+"""The ProSG synthetic-gradient generator: prompt states -> a low-rank weight delta.
+
+For a target matrix ``W [Dout, Din]`` the gradient of a loss over the prompt is
+``sum_t delta_t x_t^T`` (``x_t`` the matrix's input at prompt token ``t``, ``delta_t``
+the loss gradient at its output). The generator reads the frozen model's per-token
+hidden states of the prompt, predicts a ``delta_hat_t`` per token, takes ``x_t`` as
+the matrix's true input (or a learned map of the hidden state where the true input is
+not available from the hooks), and pools the sum at rank ``r`` with ``r`` learned
+softmax weightings over the prompt tokens:
+
+    alpha[:, i] = softmax_t(w_i . z_t)             (masked to the prompt's tokens)
+    U_i = sum_t alpha_ti * delta_hat_t             U [B, Dout, r]
+    V_i = sum_t alpha_ti * x_t / sqrt(Din)         V [B, Din, r]
+    Delta W = scale * U V^T
+
+The exact formulation and what is our interpretation is in ``docs/method.md``.
+The base model stays frozen: it runs under ``no_grad`` and only the generator's
+parameters are trained; the delta is applied by the model's fused kernels
+(:class:`prosg.models.Delta`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prosg.models import Delta, RWKV4LM
+from prosg.models.state import parse_delta_name
+
+#: Default targets: the time-mix key and value (the delta then acts inside the WKV
+#: recurrence, i.e. on what the state stores) and the channel-mix key.
+DEFAULT_TARGETS = ("blocks.*.attention.key", "blocks.*.attention.value", "blocks.*.feed_forward.key")
+
+#: Targets whose true input the generator rebuilds from the hooked LayerNorm outputs:
+#: the token-shift mix of ``ln1`` (time-mix) or ``ln2`` (channel-mix) output, and for
+#: ``feed_forward.value`` the squared-ReLU channel-mix key. ``attention.output``'s
+#: input (receptance * WKV) is not rebuilt: its ``x_hat`` is a learned map.
+_TRUE_INPUT = {("attention", "key"), ("attention", "value"), ("attention", "receptance"),
+               ("feed_forward", "key"), ("feed_forward", "receptance"), ("feed_forward", "value")}
+
+
+@dataclass
+class GeneratorConfig:
+    """Hyper-parameters of :class:`SyntheticGradientGenerator`.
+
+    Attributes:
+        targets: module names or ``fnmatch`` patterns over
+            :meth:`RWKV4LM.delta_shapes` (``blocks.*.attention.key``); each must match.
+        rank: ``r`` of every delta ``U V^T``.
+        scale: the delta's ``scale`` (``W + scale * U V^T``).
+        hidden_size: width of the per-target trunk ``z_t``.
+        input_mode: ``"true"``: ``x_hat_t`` is the matrix's true input where the hooks
+            give it (all but ``attention.output``), a learned map elsewhere;
+            ``"learned"``: a learned map of the hidden state everywhere.
+    """
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rank: int = 4
+    scale: float = 1.0
+    hidden_size: int = 64
+    input_mode: str = "true"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise ValueError("GeneratorConfig.targets must name at least one module, got none")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"GeneratorConfig.rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+            raise ValueError(f"GeneratorConfig.hidden_size must be an int >= 1, got {self.hidden_size!r}")
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
+            raise ValueError(f"GeneratorConfig.scale must be a finite float, got {self.scale!r}")
+        if self.input_mode not in ("true", "learned"):
+            raise ValueError(f"GeneratorConfig.input_mode must be 'true' or 'learned', got {self.input_mode!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"GeneratorConfig: unknown fields {sorted(unknown)}")
+        return cls(**{**d, "targets": tuple(d.get("targets", DEFAULT_TARGETS))})
+
+
+def resolve_targets(patterns: tuple[str, ...] | list[str], shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """The module names of ``shapes`` that ``patterns`` select, in the model's order.
+    A pattern that selects nothing is an error naming the valid names."""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        bare = pattern.removeprefix("rwkv.").removesuffix(".weight")
+        hits = [n for n in shapes if fnmatch.fnmatchcase(n, bare)]
+        if not hits:
+            if not any(c in bare for c in "*?["):
+                parse_delta_name(bare)  # a malformed name gets the model's own message
+            examples = ", ".join(list(shapes)[:4])
+            raise ValueError(f"generator target {pattern!r} matches no module of the model; valid names are "
+                             f"blocks.<i>.attention.{{key,value,receptance,output}} and "
+                             f"blocks.<i>.feed_forward.{{key,receptance,value}} with i < "
+                             f"{1 + max(parse_delta_name(n)[0] for n in shapes)} (e.g. {examples})")
+        chosen.update(hits)
+    return [n for n in shapes if n in chosen]
+
+
+@dataclass
+class PromptFeatures:
+    """What the generator reads from the frozen model over a prompt batch.
+
+    ``ln1[l]``/``ln2[l]``: ``[B, P, H]`` the time-mix / channel-mix LayerNorm outputs of
+    layer ``l`` at every prompt position; ``summary``: ``[B, H]`` the final LayerNorm
+    output at each prompt's last real token (what the whole prompt left in the state);
+    ``mask``: ``[B, P]`` bool, the real tokens.
+    """
+
+    ln1: list[Tensor]
+    ln2: list[Tensor]
+    summary: Tensor
+    mask: Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None) -> Tensor:
+    if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be a [B, P] LongTensor, got "
+                         f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids)}")
+    if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must hold at least one sample and one token, got shape {tuple(prompt_ids.shape)}")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+        raise ValueError(f"prompt_mask must have the shape of prompt_ids {tuple(prompt_ids.shape)}, "
+                         f"got {tuple(prompt_mask.shape)}")
+    prompt_mask = prompt_mask.to(device=prompt_ids.device, dtype=torch.bool)
+    lengths = prompt_mask.sum(1)
+    if bool((lengths == 0).any()):
+        rows = (lengths == 0).nonzero().flatten().tolist()
+        raise ValueError(f"empty prompt in row(s) {rows}: the generator needs at least one prompt token per sample")
+    # The model runs the padded batch as it is, so a pad before a real token would
+    # change that token's state: the prompts must be right-padded (real tokens first).
+    expected = torch.arange(prompt_ids.shape[1], device=prompt_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(prompt_mask, expected):
+        raise ValueError("prompt_mask must mark a prefix of each row (right-padded prompts: real tokens first, "
+                         "pads after); use prosg.data.Collator(..., prompt_padding='right')")
+    return prompt_mask
+
+
+@torch.no_grad()
+def prompt_features(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PromptFeatures:
+    """Runs the frozen ``model`` over right-padded prompts and collects, with forward
+    hooks on every block's ``ln1``/``ln2`` and on ``ln_out`` (the model itself is not
+    changed), the per-token normalized hidden states. No gradient reaches the model."""
+    mask = _check_prompt(model, prompt_ids, prompt_mask)
+    ln1: dict[int, Tensor] = {}
+    ln2: dict[int, Tensor] = {}
+    out: list[Tensor] = []
+    handles = []
+
+    def keep(store, key):
+        def hook(_module, _inputs, output):
+            store[key] = output
+        return hook
+
+    try:
+        for i, block in enumerate(model.blocks):
+            handles.append(block.ln1.register_forward_hook(keep(ln1, i)))
+            handles.append(block.ln2.register_forward_hook(keep(ln2, i)))
+        handles.append(model.ln_out.register_forward_hook(lambda _m, _i, o: out.append(o)))
+        model(prompt_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    P = prompt_ids.shape[1]
+
+    def as3(t: Tensor) -> Tensor:  # a one-token prompt runs on [B, H] tensors
+        return t.unsqueeze(1) if t.dim() == 2 else t
+
+    L = len(model.blocks)
+    final = as3(out[-1])
+    last = (mask.sum(1) - 1).view(-1, 1, 1).expand(-1, 1, final.shape[-1])
+    summary = final.gather(1, last).squeeze(1)
+    feats = PromptFeatures([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], summary, mask)
+    assert all(t.shape[1] == P for t in feats.ln1 + feats.ln2)
+    return feats
+
+
+def _token_shift(x: Tensor) -> Tensor:
+    """``[0, x_0, ..., x_{P-2}]``: the previous token's vector, zeros before the first
+    (a prompt starts from the empty state)."""
+    return F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+@torch.no_grad()
+def true_input(model: RWKV4LM, feats: PromptFeatures, name: str) -> Tensor | None:
+    """The input ``x_t [B, P, Din]`` of matrix ``name`` at every prompt token, rebuilt
+    from the hooked LayerNorm outputs exactly as the model computes it (base weights,
+    no delta); None for ``attention.output``."""
+    layer, part, kind = parse_delta_name(name)
+    if (part, kind) not in _TRUE_INPUT:
+        return None
+    module = getattr(model.blocks[layer], part)
+    a = feats.ln1[layer] if part == "attention" else feats.ln2[layer]
+    shifted = _token_shift(a)
+    if part == "feed_forward" and kind == "value":
+        xk = torch.lerp(shifted, a, module.time_mix_key.view(-1))
+        return torch.square(torch.relu(F.linear(xk, module.key.weight)))
+    mix = getattr(module, f"time_mix_{kind}")
+    return torch.lerp(shifted, a, mix.view(-1))
+
+
+class _TargetHead(nn.Module):
+    """The per-target part of the generator (one per modified matrix)."""
+
+    def __init__(self, hidden: int, width: int, d_out: int, d_in: int, rank: int, learned_input: bool):
+        super().__init__()
+        self.token = nn.Linear(hidden, width)
+        self.context = nn.Linear(hidden, width, bias=False)
+        self.pool = nn.Linear(width, rank)
+        self.delta = nn.Linear(width, d_out, bias=False)
+        self.input = nn.Linear(width, d_in, bias=False) if learned_input else None
+        # Zero delta head: U = 0, so the initial delta is exactly zero and training
+        # starts from the base model (as LoRA's zero B). The pool starts uniform.
+        nn.init.zeros_(self.delta.weight)
+        nn.init.zeros_(self.pool.weight)
+        nn.init.zeros_(self.pool.bias)
+
+    def forward(self, h: Tensor, summary: Tensor, mask: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
+        # z_t = GELU(A h_t + C s + b): the token's state and the whole prompt's summary
+        z = F.gelu(self.token(h) + self.context(summary).unsqueeze(1))  # [B, P, width]
+        logits = self.pool(z).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # [B, P, r]
+        alpha = torch.softmax(logits, dim=1)
+        d_hat = self.delta(z)  # [B, P, Dout]
+        x_hat = self.input(z) if x is None else x  # [B, P, Din]
+        U = torch.einsum("bpr,bpo->bor", alpha, d_hat)
+        V = torch.einsum("bpr,bpi->bir", alpha, x_hat) / math.sqrt(x_hat.shape[-1])
+        return U, V
+
+
+class SyntheticGradientGenerator(nn.Module):
+    """Predicts a per-prompt low-rank delta (a synthetic gradient) for a frozen RWKV-4.
+
+    ``generator(model, prompt_ids, prompt_mask) -> Delta`` with ``U [B, Dout, r]``,
+    ``V [B, Din, r]`` for every target; pass it to ``model(ids, delta=...)`` or
+    ``model.generate(ids, n, delta=...)``. Prompts are right-padded (``prompt_mask``
+    marks a prefix of each row); padding does not change the delta.
+
+    The generator is built for one model shape (``model.delta_shapes()``); its
+    parameters are all that training changes.
+    """
+
+    def __init__(self, model: RWKV4LM, config: GeneratorConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else GeneratorConfig()
+        shapes = model.delta_shapes()
+        self.targets = resolve_targets(config.targets, shapes)
+        self.shapes = {n: shapes[n] for n in self.targets}
+        self.hidden_size = model.config.hidden_size
+        self.num_layers = model.config.num_hidden_layers
+        self.heads = nn.ModuleDict()
+        for name in self.targets:
+            layer, part, kind = parse_delta_name(name)
+            d_out, d_in = shapes[name]
+            learned = config.input_mode == "learned" or (part, kind) not in _TRUE_INPUT
+            self.heads[self._key(name)] = _TargetHead(self.hidden_size, config.hidden_size, d_out, d_in,
+                                                      config.rank, learned)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "_")  # ModuleDict keys cannot hold dots
+
+    def _check_model(self, model: RWKV4LM) -> None:
+        if not isinstance(model, RWKV4LM):
+            raise TypeError(f"model must be a prosg.models.RWKV4LM, got {type(model)}")
+        shapes = model.delta_shapes()
+        for name, shape in self.shapes.items():
+            if shapes.get(name) != shape:
+                raise ValueError(f"the generator was built for {name} of shape {shape}, the model has "
+                                 f"{shapes.get(name)}: a generator belongs to one model shape")
+
+    def forward(self, model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> Delta:
+        self._check_model(model)
+        feats = prompt_features(model, prompt_ids, prompt_mask)
+        return self.from_features(model, feats)
+
+    def from_features(self, model: RWKV4LM, feats: PromptFeatures) -> Delta:
+        """The delta from already collected :func:`prompt_features` (lets a caller run
+        the prompt once for several generators or steps)."""
+        dtype = self.heads[self._key(self.targets[0])].token.weight.dtype
+        summary = feats.summary.to(dtype)
+        factors = {}
+        for name in self.targets:
+            layer, part, kind = parse_delta_name(name)
+            head = self.heads[self._key(name)]
+            h = (feats.ln1 if part == "attention" else feats.ln2)[layer].to(dtype)
+            x = None
+            if head.input is None:
+                x = feats.extra.get(name)
+                if x is None:
+                    x = feats.extra[name] = true_input(model, feats, name)
+                x = x.to(dtype)
+            # Pads: their h/x are finite (the model ran over them) and alpha is exactly
+            # zero there, so they contribute nothing.
+            factors[name] = head(h, summary, feats.mask, x)
+        return Delta(factors, float(self.config.scale))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
