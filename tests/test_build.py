@@ -9,6 +9,7 @@ installed (CI installs the CUDA one). It takes about a minute on two cores.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,19 @@ def test_installed_build_holds_what_was_asked():
     assert b["built_with_torch"] == b["running_torch"], (
         f"prosg was built against torch {b['built_with_torch']} but torch {b['running_torch']} is running: rebuild"
     )
+
+
+@pytest.mark.parametrize("script", [".ci/run", "benchmarks/gpu_check.sh"])
+def test_shell_scripts_parse(script):
+    """The CI and GPU-check scripts run rarely and unattended: at least keep them parseable,
+    with the Python programs they write out (heredocs) compiling."""
+    path = ROOT / script
+    if not path.exists():
+        pytest.skip(f"{script} is not in this tree")
+    run = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert os.access(path, os.X_OK), f"{script} is not executable (git update-index --chmod=+x)"
+    text = path.read_text()
+    # Every quoted heredoc (<<'EOF') in these scripts is a Python program.
+    for i, body in enumerate(re.findall(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)):
+        compile(body, f"{script} heredoc {i}", "exec")
