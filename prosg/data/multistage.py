@@ -254,7 +254,7 @@ class MultiStageConfig:
     Args:
         min_stages, max_stages: K is drawn uniformly from this range per example.
         stage_length: L, the output length of every instruction stage.
-        ramble_length: output length of a ``ramble`` stage (default: ``stage_length``).
+        ramble_length: output length of a ``ramble`` stage (None: ``stage_length``).
         ops: operations that may be drawn; ``op_weights`` their relative weights
             (default: equal).
         ramble_last: let ``ramble`` be the final stage. Off by default: the final stage is
