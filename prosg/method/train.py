@@ -16,7 +16,7 @@ and at the end): the generator's weights, AdamW's state, the step and the RNG st
 with the configs in the safetensors metadata. ``resume=True`` continues from it and
 gives the same weights as an uninterrupted run (tests/test_train.py checks it).
 
-Multi-GPU: run under ``torchrun``; with ``WORLD_SIZE > 1`` the generator is wrapped in
+Multi-GPU: run under ``torchrun``; then (any ``WORLD_SIZE``) the generator is wrapped in
 DistributedDataParallel (NCCL on CUDA, gloo on CPU) and each rank takes its slice of the
 global batch. The loss is averaged per rank, then DDP averages the gradients.
 """
@@ -235,6 +235,12 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _launched_distributed() -> bool:
+    """Under torchrun (which sets WORLD_SIZE, also for one process): run through a
+    process group and DistributedDataParallel."""
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           device: str | torch.device | None = None, save_every: int = 100, log_every: int = 10,
           progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -243,8 +249,8 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
     weights), ``train_log.jsonl`` (one line per logged step) and ``train_config.json``.
 
     ``on_step(step, record)`` is called after every optimizer step (``step`` counts
-    completed steps). Under torchrun (``WORLD_SIZE > 1``) the process group must not be
-    initialised yet; it is created here and destroyed at the end.
+    completed steps). Under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set, any world
+    size) a process group is created here unless one exists (and then destroyed at the end).
 
     Returns ``{"generator", "history" (logged records), "final_step"}``.
     """
@@ -257,21 +263,22 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    distributed = world > 1
+    distributed = _launched_distributed()
+    created = False
     if distributed:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            created = True
     try:
         return _train(model, config, out_dir, resume, device, rank, world, save_every, log_every,
                       progress and rank == 0, on_step, distributed)
     finally:
-        if distributed:
+        if created:
             import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def _train(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress, on_step,

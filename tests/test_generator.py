@@ -1,0 +1,212 @@
+"""The synthetic-gradient generator (prosg.method.generator): shapes, zero start,
+gradients through the fused kernels, padding invariance, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prosg.method.generator import (
+    GeneratorConfig,
+    SyntheticGradientGenerator,
+    prompt_features,
+    resolve_targets,
+    true_input,
+)
+from prosg.models import Delta
+from prosg.models.testing import merged_weights, random_model
+
+ALL = ("blocks.*.attention.*", "blocks.*.feed_forward.*")
+
+
+def _frozen(dtype=torch.float32, **kw):
+    model = random_model(dtype=dtype, vocab_size=41, **kw)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _randomize_heads(gen: SyntheticGradientGenerator, seed: int = 1) -> None:
+    """Non-zero delta and pooling heads, so every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in gen.heads.values():
+            for lin in (head.delta, head.pool):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=torch.float64) * 0.3)
+
+
+def _ids(B, P, vocab=41, seed=0):
+    return torch.randint(0, vocab, (B, P), generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_shapes_every_module():
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=16, scale=0.5))
+    shapes = model.delta_shapes()
+    assert gen.targets == list(shapes)
+    ids = _ids(2, 7)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    delta = gen(model, ids, mask)
+    assert isinstance(delta, Delta) and delta.scale == 0.5
+    assert list(delta.factors) == list(shapes)
+    for name, (U, V) in delta.factors.items():
+        d_out, d_in = shapes[name]
+        assert U.shape == (2, d_out, 3) and V.shape == (2, d_in, 3), name
+    # the model accepts it
+    logits, _ = model(ids, delta=delta)
+    assert torch.isfinite(logits).all()
+
+
+def test_patterns_select_in_model_order():
+    shapes = _frozen().delta_shapes()
+    assert resolve_targets(["blocks.1.feed_forward.value", "blocks.0.attention.key"], shapes) == [
+        "blocks.0.attention.key", "blocks.1.feed_forward.value"]
+    assert resolve_targets(["blocks.*.attention.key"], shapes) == [f"blocks.{i}.attention.key" for i in range(3)]
+    # state-dict spelling is accepted
+    assert resolve_targets(["rwkv.blocks.2.attention.output.weight"], shapes) == ["blocks.2.attention.output"]
+
+
+def test_zero_init_gives_zero_delta_and_base_logits():
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=2, hidden_size=8))
+    ids = _ids(3, 6)
+    delta = gen(model, ids)
+    for U, V in delta.factors.values():
+        assert torch.count_nonzero(U) == 0
+        assert torch.isfinite(V).all()
+    base, _ = model(ids)
+    with_delta, _ = model(ids, delta=delta)
+    torch.testing.assert_close(with_delta, base, rtol=0, atol=0)
+
+
+def test_hooks_read_the_models_states():
+    """The hooked ln1/ln2 outputs of the last prompt token are the model's own token-shift
+    state, and the summary is the final LayerNorm of each row's last real token."""
+    model = _frozen()
+    ids = _ids(2, 5)
+    feats = prompt_features(model, ids)
+    logits, state = model(ids)
+    for layer in range(3):
+        torch.testing.assert_close(feats.ln1[layer][:, -1], state.att_shift[layer], rtol=0, atol=0)
+        torch.testing.assert_close(feats.ln2[layer][:, -1], state.ffn_shift[layer], rtol=0, atol=0)
+    torch.testing.assert_close(torch.nn.functional.linear(feats.summary, model.head.weight), logits[:, -1])
+    # the rebuilt channel-mix value input is relu(key)^2 >= 0 of width intermediate_size
+    x = true_input(model, feats, "blocks.1.feed_forward.value")
+    assert x.shape == (2, 5, 52) and bool((x >= 0).all())
+    assert true_input(model, feats, "blocks.1.attention.output") is None
+
+
+@pytest.mark.parametrize("input_mode", ["true", "learned"])
+def test_gradients_reach_generator_through_fused_kernels(input_mode):
+    """The generator's gradients through the model's fused low-rank kernels equal those
+    of a dense float64 reference (per-sample merged weights W + s U V^T)."""
+    model = _frozen(torch.float64)
+    cfg = GeneratorConfig(targets=ALL, rank=2, hidden_size=8, scale=0.7, input_mode=input_mode)
+    gen = SyntheticGradientGenerator(model, cfg).double()
+    _randomize_heads(gen)
+    ids = _ids(2, 6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    target = _ids(2, 6, seed=5)
+
+    def loss_of(logits, b=None):
+        t = target if b is None else target[b : b + 1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
+
+    delta = gen(model, ids, mask)
+    fused = loss_of(model(ids, delta=delta)[0])
+    grads = torch.autograd.grad(fused, list(gen.parameters()), allow_unused=True)
+
+    delta = gen(model, ids, mask)
+    dense = sum(loss_of(torch.func.functional_call(model, merged_weights(model, delta, b), (ids[b : b + 1],))[0], b)
+                for b in range(2))
+    ref = torch.autograd.grad(dense, list(gen.parameters()), allow_unused=True)
+    torch.testing.assert_close(fused, dense)
+    nonzero = 0
+    for (name, _), g, r in zip(gen.named_parameters(), grads, ref):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9, msg=name)
+            nonzero += int(g.abs().sum() > 0)
+    # every delta head and pooling head receives a gradient
+    assert nonzero >= 2 * len(gen.targets)
+
+
+def test_padding_does_not_change_the_delta():
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8))
+    _randomize_heads(gen)
+    short = _ids(1, 4, seed=2)
+    alone = gen(model, short)
+    # the same prompt padded to 9 (pad tokens are random ids) next to a longer one
+    batch = _ids(2, 9, seed=3)
+    batch[1, :4] = short[0]
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    padded = gen(model, batch, mask)
+    batch2 = batch.clone()
+    batch2[1, 4:] = 0
+    padded2 = gen(model, batch2, mask)
+    for name, (U, V) in alone.factors.items():
+        for other in (padded, padded2):
+            Ub, Vb = other.factors[name]
+            torch.testing.assert_close(Ub[1], U[0], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(Vb[1], V[0], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_single_token_prompt():
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
+    _randomize_heads(gen)
+    delta = gen(model, _ids(2, 1))
+    assert all(torch.isfinite(U).all() and torch.isfinite(V).all() for U, V in delta.factors.values())
+
+
+def test_generate_with_delta():
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
+    _randomize_heads(gen)
+    ids = _ids(2, 5)
+    with torch.no_grad():
+        out = model.generate(ids, 4, delta=gen(model, ids))
+    assert out.shape == (2, 9)
+
+
+def test_bad_inputs():
+    model = _frozen()
+    with pytest.raises(ValueError, match="matches no module"):
+        SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.7.attention.key",)))
+    with pytest.raises(ValueError, match="unknown module name"):
+        SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.0.attention.gate",)))
+    with pytest.raises(ValueError, match="matches no module"):
+        SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.*.mlp.*",)))
+    with pytest.raises(ValueError, match="rank"):
+        GeneratorConfig(rank=0)
+    with pytest.raises(ValueError, match="at least one module"):
+        GeneratorConfig(targets=())
+    with pytest.raises(ValueError, match="input_mode"):
+        GeneratorConfig(input_mode="guess")
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
+    with pytest.raises(ValueError, match="at least one sample and one token"):
+        gen(model, torch.zeros(2, 0, dtype=torch.long))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"empty prompt in row\(s\) \[1\]"):
+        gen(model, _ids(2, 3), mask)
+    left = torch.tensor([[True, True, True], [False, True, True]])
+    with pytest.raises(ValueError, match="right-padded"):
+        gen(model, _ids(2, 3), left)
+    with pytest.raises(ValueError, match="shape of prompt_ids"):
+        gen(model, _ids(2, 3), torch.ones(2, 4, dtype=torch.bool))
+    other = _frozen(hidden_size=16)
+    with pytest.raises(ValueError, match="one model shape"):
+        gen(other, _ids(2, 3))
+
+
+def test_config_round_trip():
+    cfg = GeneratorConfig(targets="blocks.0.attention.key, blocks.*.feed_forward.value", rank=5, scale=0.25)
+    assert cfg.targets == ("blocks.0.attention.key", "blocks.*.feed_forward.value")
+    assert GeneratorConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        GeneratorConfig.from_dict({"rnak": 3})
