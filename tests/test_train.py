@@ -1,0 +1,158 @@
+"""Training the generator (prosg.method.train, ``prosg train``): the loss drops, a killed
+run resumed equals an uninterrupted one, checkpoints round-trip, the DDP path runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+from prosg.data import MultiStageConfig
+from prosg.method.train import (
+    CHECKPOINT,
+    GENERATOR,
+    LOG_FILE,
+    TrainConfig,
+    batch_indices,
+    load_generator,
+    lr_at,
+    make_batch,
+    read_checkpoint,
+    response_loss,
+    train,
+)
+from prosg.models.testing import random_model
+
+DATA = dict(stage_length=5, ramble_length=5, min_stages=2, max_stages=3, num_letters=6)
+
+
+def _model(seed=0):
+    return random_model(vocab_size=104, hidden_size=24, num_hidden_layers=2, intermediate_size=40, seed=seed)
+
+
+def _config(**kw) -> TrainConfig:
+    fields = dict(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, data=DATA,
+                  generator=dict(rank=2, hidden_size=16))
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def _state(gen):
+    return {k: v.detach().clone() for k, v in gen.state_dict().items()}
+
+
+def test_short_run_lowers_held_out_loss(tmp_path):
+    model = _model()
+    cfg = _config(steps=40, batch_size=8, lr=1e-2, warmup_steps=4)
+    result = train(model, cfg, tmp_path, progress=False, log_every=10, save_every=1000)
+    gen = result["generator"]
+    held_out = make_batch(MultiStageConfig(**DATA), seed=1, indices=range(16))
+    with torch.no_grad():
+        base = float(response_loss(model, held_out))
+        ours = float(response_loss(model, held_out, gen(model, held_out.prompt_ids, held_out.prompt_mask)))
+    assert ours < base - 0.1, (base, ours)
+    hist = result["history"]
+    assert hist[0]["loss"] == pytest.approx(hist[0]["base_loss"], abs=1e-6)  # zero delta at the start
+    logged = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 10, 20, 30, 40]
+    # the final weights load back into an identical generator
+    loaded = load_generator(tmp_path / GENERATOR, model)
+    for k, v in gen.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = _config(steps=6)
+    full = train(_model(), cfg, tmp_path / "full", progress=False, save_every=2)
+
+    def kill_at_5(step, _record):
+        if step == 5:  # after the checkpoint of step 4, before the one of step 6
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(_model(), cfg, tmp_path / "killed", progress=False, save_every=2, on_step=kill_at_5)
+    _, meta = read_checkpoint(tmp_path / "killed" / CHECKPOINT)
+    assert meta["step"] == "4"
+    resumed = train(_model(), cfg, tmp_path / "killed", resume=True, progress=False, save_every=2)
+    want, got = _state(full["generator"]), _state(resumed["generator"])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    # optimizer state too
+    a, _ = read_checkpoint(tmp_path / "full" / CHECKPOINT)
+    b, _ = read_checkpoint(tmp_path / "killed" / CHECKPOINT)
+    assert set(a) == set(b)
+    for k in a:
+        if not k.startswith("rng."):
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    # resuming a finished run does nothing more
+    again = train(_model(), cfg, tmp_path / "killed", resume=True, progress=False)
+    assert again["history"] == []
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    train(_model(), _config(steps=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration \(fields \['lr'\]\)"):
+        train(_model(), _config(steps=2, lr=5e-3), tmp_path, resume=True, progress=False)
+
+
+def test_batches_are_disjoint_across_steps_and_ranks():
+    cfg = _config(batch_size=3)
+    seen = [i for s in range(3) for r in range(2) for i in batch_indices(cfg, s, r, 2)]
+    assert sorted(seen) == list(range(18))
+
+
+def test_lr_schedule():
+    cfg = _config(steps=10, warmup_steps=2, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.5)
+    assert lr_at(cfg, 2) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(0.1)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="matches no module"):
+        train(_model(), _config(generator=dict(targets=["blocks.5.attention.key"])), "/nonexistent/x", progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_world_size_one_matches_single_process(tmp_path, monkeypatch):
+    """The torchrun path (process group, DistributedDataParallel) with one gloo process
+    trains exactly as the plain loop."""
+    cfg = _config(steps=3)
+    plain = train(_model(), cfg, tmp_path / "plain", progress=False)
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(k, v)
+    ddp = train(_model(), cfg, tmp_path / "ddp", progress=False, device="cpu")
+    assert not torch.distributed.is_initialized()
+    want, got = _state(plain["generator"]), _state(ddp["generator"])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_cli_train(tmp_path, capsys):
+    from prosg.__main__ import main
+
+    base = tmp_path / "base"
+    _model().save_pretrained(base)
+    argv = ["train", "--base", str(base), "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2",
+            "--rank", "2", "--hidden-size", "8", "--stage-length", "4", "--ramble-length", "4", "--max-stages", "3",
+            "--no-progress", "--log-every", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert (tmp_path / "run" / GENERATOR).is_file()
+    assert main(argv + ["--resume"]) == 0  # already finished: nothing to do
