@@ -6,18 +6,23 @@ import argparse
 import logging
 
 
-def _load_base(path: str | None, device: str):
-    """The frozen base model: a transformers-layout checkpoint directory, or (None) the
-    tiny base model bundled with prosg."""
+def _load_base(path: str | None):
+    """The frozen base model and the benchmark config it was trained on (None when
+    unknown): a directory written by ``prosg pretrain`` (or any transformers-layout
+    RWKV-4 checkpoint), or (None) the tiny base model bundled with prosg."""
+    from pathlib import Path
+
     from prosg.models import RWKV4LM
 
-    if path:
-        return RWKV4LM.from_pretrained(path, device=device)
     try:
-        from prosg.method.pretrain import load_base_model
-    except ImportError as e:
-        raise SystemExit(f"prosg: no --base given and the bundled base model is not available ({e})") from None
-    return load_base_model().to(device)
+        from prosg.method.pretrain import TRAIN_CONFIG_FILE, load_base_model
+    except ImportError:
+        load_base_model, TRAIN_CONFIG_FILE = None, None
+    if path and (load_base_model is None or not (Path(path) / TRAIN_CONFIG_FILE).is_file()):
+        return RWKV4LM.from_pretrained(path), None
+    if load_base_model is None:
+        raise SystemExit("prosg: no --base given and the bundled base model is not available in this install")
+    return load_base_model(path)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -41,11 +46,13 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     generator = {"targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "rank": args.rank,
                  "scale": args.scale, "hidden_size": args.hidden_size, "input_mode": args.input_mode}
+    model, benchmark = _load_base(args.base)
+    # The base model's own benchmark is the default task; flags override its fields.
+    data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed,
-                         data_seed=args.data_seed, data=_data_fields(args), generator=generator)
+                         data_seed=args.data_seed, data=data, generator=generator)
     device = args.device or None
-    model = _load_base(args.base, "cpu")
     result = train(model, config, args.out, resume=args.resume, device=device, save_every=args.save_every,
                    log_every=args.log_every, progress=not args.no_progress)
     hist = result["history"]
@@ -86,3 +93,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_data_args(p)
     p.set_defaults(func=_train)
+
+    from prosg.method.pretrain import add_pretrain_parser
+
+    add_pretrain_parser(sub)
