@@ -426,7 +426,14 @@ class RWKV4LM(nn.Module):
             new_wkv.append(wkv_state)
         if logits_to_keep and not single:
             h = h[:, -logits_to_keep:]
-        logits = F.linear(self.ln_out(h), self.head.weight)
+        h = self.ln_out(h)
+        if single and h.shape[0] > 1 and h.device.type == "cpu":
+            # Decoding a batch: MKL's sgemm runs x [B, H] @ W^T ~1.4x slower than the
+            # transposed problem W @ x^T for a tall head (measured 25 vs 18 ms for
+            # B=8, H=512, vocab 50277 on one core); the result is the same.
+            logits = torch.mm(self.head.weight, h.t()).t()
+        else:
+            logits = F.linear(h, self.head.weight)
         if single:
             logits = logits.unsqueeze(1)
         return logits, (new_att, new_ffn, new_wkv)
