@@ -77,7 +77,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite float >= 0, got {v!r}")
 
     def data_config(self) -> MultiStageConfig:
-        return MultiStageConfig(**self.data)
+        return MultiStageConfig.from_dict(self.data)
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig.from_dict(self.generator) if self.generator else GeneratorConfig()
