@@ -1,0 +1,358 @@
+"""Pretraining the tiny RWKV-4 base model of the forgetting benchmark.
+
+The base model is what ProSG is applied to: an RWKV-4 trained from scratch, by teacher
+forcing, on the multi-stage benchmark (docs/benchmark.md), small enough that it learns
+to carry out an instruction right after the prompt but loses the later ones from its
+fixed-size state as the response grows. ``prosg pretrain --seed 0 --out DIR`` rebuilds
+the bundled model (``prosg/assets/base_model``, loaded by :func:`load_base_model`);
+docs/base_model.md records how it was trained and what it scores.
+
+Determinism: the weights are initialised after ``torch.manual_seed(seed)``, and the
+training examples of step ``s`` are examples ``s*B .. (s+1)*B-1`` of the benchmark's
+seed ``data_seed`` (each drawn from its own hash-seeded stream, independent of the
+platform), so a run is a function of its :class:`PretrainConfig`. On one machine with
+one torch build and thread count it is bitwise repeatable; across builds the float
+rounding of the kernels may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prosg.data.batching import IGNORE_INDEX, Collator
+from prosg.data.multistage import MultiStageConfig, encode_example, generate_examples
+from prosg.data.vocab import benchmark_tokenizer
+from prosg.models import RWKV4Config, RWKV4LM
+
+#: The benchmark config the bundled base model is trained and evaluated on. Short
+#: instruction spans keep a CPU run short; the ramble stage (free-form filler) pushes the
+#: later stages 50-100 tokens out, where a small model has lost them.
+BASE_BENCHMARK = MultiStageConfig(min_stages=3, max_stages=4, stage_length=12, ramble_length=48, max_pattern=3,
+                                  max_step=2)
+
+ASSET_DIR = "base_model"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run depends on (written to ``train_config.json``).
+
+    Model: ``hidden_size``, ``num_layers``, ``intermediate_size`` (None: 4x hidden).
+    Data: ``benchmark`` (the task), ``data_seed`` (benchmark seed of the training
+    stream; evaluate on other seeds), ``train_on_prompt`` (also predict prompt tokens:
+    they are random draws, so this only adds noise; off by default).
+    Optimisation: AdamW with ``lr`` (linear warm-up over ``warmup_steps``, cosine decay
+    to ``min_lr_ratio * lr`` at ``steps``), ``weight_decay`` on matrices only,
+    ``betas``, gradient norm clipped at ``grad_clip``; ``batch_size`` examples a step.
+    ``repeat_prompt_every``: every n-th training example (0: none) reads its prompt
+    twice (:func:`prosg.method.evaluation.repeat_prompt`), so the "repeat the prompt"
+    baseline is evaluated on a format the model knows.
+    ``seed``: torch seed of the initialisation. ``threads``: torch CPU threads while
+    training (None: leave torch's setting). Default 1: the tensors of a tiny model are
+    too small to split well, and on a shared machine two threads that wait on each
+    other at every op ran 5-8x slower than one (measured 0.23 vs 1.8 s a step with the
+    default config on a loaded 2-core box). Results are bitwise repeatable for a fixed
+    thread count.
+    """
+
+    seed: int = 0
+    data_seed: int = 0
+    benchmark: MultiStageConfig = field(default_factory=lambda: BASE_BENCHMARK)
+    hidden_size: int = 64
+    num_layers: int = 3
+    intermediate_size: int | None = None
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    train_on_prompt: bool = False
+    repeat_prompt_every: int = 8
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.benchmark, dict):
+            self.benchmark = MultiStageConfig.from_dict(self.benchmark)
+        self.betas = tuple(self.betas)
+        for name in ("hidden_size", "num_layers", "steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"PretrainConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("seed", "data_seed", "warmup_steps", "repeat_prompt_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"PretrainConfig.{name} must be an int >= 0, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"PretrainConfig.lr must be a positive float, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"PretrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"PretrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
+
+    def model_config(self) -> RWKV4Config:
+        tok = benchmark_tokenizer()
+        return RWKV4Config(
+            vocab_size=tok.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            intermediate_size=self.intermediate_size,
+            # No rescaling: it only matters for float16 inference of deep models, and
+            # without it train and eval modes compute the same function.
+            rescale_every=0,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            context_length=512,
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["benchmark"] = self.benchmark.to_dict()
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PretrainConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_batch(cfg: PretrainConfig, step: int, collator: Collator):
+    """The batch of step ``step``: examples ``step*B ..`` of seed ``data_seed``."""
+    from prosg.method.evaluation import repeat_prompt
+
+    start = step * cfg.batch_size
+    examples = generate_examples(cfg.benchmark, cfg.batch_size, seed=cfg.data_seed, start=start)
+    pairs = []
+    for i, e in enumerate(examples):
+        pair = encode_example(e)
+        if cfg.repeat_prompt_every and (start + i) % cfg.repeat_prompt_every == cfg.repeat_prompt_every - 1:
+            pair.prompt_ids = benchmark_tokenizer().encode(repeat_prompt(e))
+        pairs.append(pair)
+    return collator(pairs)
+
+
+def lm_loss(model: RWKV4LM, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (HF convention:
+    logits at t-1 predict labels[t]). Right padding: pads only follow real tokens, so
+    they never reach the state of a labelled position."""
+    logits, _ = model(batch.input_ids)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _param_groups(model: RWKV4LM, weight_decay: float) -> list[dict]:
+    # Decay only the projection/embedding matrices: decaying time_decay, time_first,
+    # the mixes or LayerNorm affines would pull them toward meaningless values.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain(cfg: PretrainConfig, *, progress: bool = True, log_every: int = 50,
+             history: list | None = None, callback=None) -> RWKV4LM:
+    """Trains a fresh base model as ``cfg`` says; returns it in eval mode (float32, CPU).
+
+    ``history``: when given, ``(step, loss)`` of every step is appended to it.
+    ``callback(step, model)``: called after every optimizer step (e.g. checkpoints).
+    """
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, progress, log_every, history, callback)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list | None, callback) -> RWKV4LM:
+    torch.manual_seed(cfg.seed)
+    model = RWKV4LM(cfg.model_config())
+    model.train()
+    tok = benchmark_tokenizer()
+    collator = Collator(tok.pad_id, prompt_padding="right", train_on_prompt=cfg.train_on_prompt,
+                        vocab_size=tok.vocab_size)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", file=sys.stderr, dynamic_ncols=True)
+    running = None
+    try:
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch = training_batch(cfg, step, collator)
+            loss = lm_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            value = loss.item()
+            if history is not None:
+                history.append((step, value))
+            if callback is not None:
+                callback(step, model)
+            running = value if running is None else 0.95 * running + 0.05 * value
+            if bar is not None:
+                bar.update(1)
+                if step % log_every == 0 or step + 1 == cfg.steps:
+                    bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step, cfg):.2e}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- the bundled model
+
+
+def save_base_model(model: RWKV4LM, cfg: PretrainConfig, out: str | Path, *, extra: dict | None = None) -> Path:
+    """Writes ``config.json``, ``model.safetensors`` and ``train_config.json`` to ``out``."""
+    out = Path(out)
+    model.save_pretrained(out)
+    record = {"pretrain_config": cfg.to_dict(),
+              "command": f"prosg pretrain --seed {cfg.seed} --out {out.name}"}
+    record.update(extra or {})
+    (out / TRAIN_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_base_model(path: str | Path | None = None, *, dtype: torch.dtype | None = None
+                    ) -> tuple[RWKV4LM, MultiStageConfig]:
+    """The bundled base model (or the one saved at ``path`` by ``prosg pretrain``) in
+    eval mode, with the benchmark config it was trained on."""
+    if path is None:
+        with resources.as_file(resources.files("prosg.assets") / ASSET_DIR) as p:
+            return _load(Path(p), dtype)
+    return _load(Path(path), dtype)
+
+
+def _load(path: Path, dtype: torch.dtype | None) -> tuple[RWKV4LM, MultiStageConfig]:
+    record_path = path / TRAIN_CONFIG_FILE
+    if not record_path.exists():
+        raise FileNotFoundError(f"{path}: no {TRAIN_CONFIG_FILE} (not a model written by `prosg pretrain`)")
+    record = json.loads(record_path.read_text())
+    cfg = PretrainConfig.from_dict(record["pretrain_config"])
+    model = RWKV4LM.from_pretrained(path, dtype=dtype).eval()
+    return model, cfg.benchmark
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _benchmark_from_args(args: argparse.Namespace) -> MultiStageConfig:
+    d = BASE_BENCHMARK.to_dict()
+    for name in ("min_stages", "max_stages", "stage_length", "ramble_length"):
+        v = getattr(args, name)
+        if v is not None:
+            d[name] = v
+    return MultiStageConfig.from_dict(d)
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    defaults = PretrainConfig()
+    kw = {}
+    for name in ("seed", "data_seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "threads"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    if kw.get("threads") == 0:
+        kw["threads"] = None
+    if args.data_seed is None:
+        kw["data_seed"] = kw.get("seed", defaults.seed)
+    kw["benchmark"] = _benchmark_from_args(args)
+    return PretrainConfig(**kw)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """``prosg pretrain``: train, save, and (unless ``--eval 0``) report held-out compliance."""
+    cfg = config_from_args(args)
+    print(json.dumps(cfg.to_dict(), sort_keys=True), file=sys.stderr)
+    history: list = []
+    start = time.perf_counter()
+    callback = None
+    if args.save_every:
+        def callback(step, model):
+            if (step + 1) % args.save_every == 0 and step + 1 < cfg.steps:
+                save_base_model(model, cfg, Path(args.out) / f"step{step + 1}",
+                                extra={"steps_done": step + 1, "elapsed": round(time.perf_counter() - start, 1)})
+
+    model = pretrain(cfg, progress=not args.quiet, history=history, callback=callback)
+    seconds = time.perf_counter() - start
+    tail = [loss for _, loss in history[-50:]]
+    extra = {"train_seconds": round(seconds, 1), "final_loss": round(sum(tail) / len(tail), 4),
+             "torch": torch.__version__}
+    if args.eval:
+        from prosg.method.evaluation import evaluate
+
+        examples = generate_examples(cfg.benchmark, args.eval, seed=args.eval_seed)
+        previous_threads = torch.get_num_threads()
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        try:
+            result = evaluate(model, examples, progress=not args.quiet)
+        finally:
+            torch.set_num_threads(previous_threads)
+        extra["eval"] = {"seed": args.eval_seed, "examples": args.eval, **result.summary()}
+    out = save_base_model(model, cfg, args.out, extra=extra)
+    print(json.dumps({"out": str(out), **extra}, indent=2))
+    return 0
+
+
+def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``prosg pretrain`` (its ``func`` is :func:`run_pretrain`)."""
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="train the tiny RWKV-4 base model of the forgetting benchmark",
+                       description="Train a tiny RWKV-4 from scratch on the multi-stage benchmark "
+                                   "(defaults: the bundled base model; see docs/base_model.md).")
+    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, train_config.json")
+    p.add_argument("--seed", type=int, default=None, help=f"torch seed of the initialisation (default {d.seed})")
+    p.add_argument("--data-seed", type=int, default=None, help="benchmark seed of the training stream (default: --seed)")
+    p.add_argument("--hidden-size", type=int, default=None, help=f"default {d.hidden_size}")
+    p.add_argument("--num-layers", type=int, default=None, help=f"default {d.num_layers}")
+    p.add_argument("--steps", type=int, default=None, help=f"default {d.steps}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
+    p.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default {d.threads}; 0: torch's setting)")
+    b = BASE_BENCHMARK
+    p.add_argument("--min-stages", type=int, default=None, help=f"default {b.min_stages}")
+    p.add_argument("--max-stages", type=int, default=None, help=f"default {b.max_stages}")
+    p.add_argument("--stage-length", type=int, default=None, help=f"default {b.stage_length}")
+    p.add_argument("--ramble-length", type=int, default=None, help=f"default {b.ramble_length}")
+    p.add_argument("--eval", type=int, default=256, help="held-out examples scored after training (0: none)")
+    p.add_argument("--eval-seed", type=int, default=1000, help="benchmark seed of the held-out examples")
+    p.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps under OUT/stepN")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_pretrain)
+    return p
