@@ -156,3 +156,31 @@ def test_cli_train(tmp_path, capsys):
     assert "trained 3 steps" in capsys.readouterr().out
     assert (tmp_path / "run" / GENERATOR).is_file()
     assert main(argv + ["--resume"]) == 0  # already finished: nothing to do
+
+
+def test_response_loss_applies_the_delta_from_the_last_prompt_token():
+    """The training loss is the evaluation's function: the base model reads prompt[:-1],
+    then prompt[-1] ‖ response runs under the delta (checked row by row, unpadded)."""
+    from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
+    from prosg.method.train import freeze
+
+    model = freeze(_model())
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
+    with torch.no_grad():
+        for head in gen.heads.values():
+            head.delta.weight.normal_(0, 0.3)
+    batch = make_batch(MultiStageConfig(**{**DATA, "min_stages": 2, "max_stages": 4}), seed=3, indices=range(5))
+    assert len(set(batch.prompt_lengths.tolist())) > 1 and len(set(batch.response_lengths.tolist())) > 1
+    with torch.no_grad():
+        delta = gen(model, batch.prompt_ids, batch.prompt_mask)
+        got = float(response_loss(model, batch, delta))
+        total, count = 0.0, 0
+        for b in range(len(batch)):
+            p = batch.prompt_ids[b, : batch.prompt_lengths[b]].unsqueeze(0)
+            r = batch.response_ids[b, : batch.response_lengths[b]].unsqueeze(0)
+            one = gen(model, p)
+            _, state = model(p[:, :-1])
+            logits, _ = model(torch.cat([p[:, -1:], r], 1), state=state, delta=one)
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], r[0], reduction="sum"))
+            count += r.shape[1]
+    assert got == pytest.approx(total / count, rel=1e-5)

@@ -130,7 +130,10 @@ class PromptFeatures:
     extra: dict = field(default_factory=dict)
 
 
-def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None) -> Tensor:
+def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Validates a prompt batch and returns it right-padded: each row's real tokens (in
+    order) first, pads after, so that the model reads every real token exactly as it
+    would without padding. Left-padded batches (prosg.data's default) are re-packed."""
     if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be a [B, P] LongTensor, got "
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids)}")
@@ -138,29 +141,25 @@ def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None
         raise ValueError(f"prompt_ids must hold at least one sample and one token, got shape {tuple(prompt_ids.shape)}")
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+    if not isinstance(prompt_mask, Tensor) or tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
         raise ValueError(f"prompt_mask must have the shape of prompt_ids {tuple(prompt_ids.shape)}, "
-                         f"got {tuple(prompt_mask.shape)}")
+                         f"got {tuple(prompt_mask.shape) if isinstance(prompt_mask, Tensor) else type(prompt_mask)}")
     prompt_mask = prompt_mask.to(device=prompt_ids.device, dtype=torch.bool)
     lengths = prompt_mask.sum(1)
     if bool((lengths == 0).any()):
         rows = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(f"empty prompt in row(s) {rows}: the generator needs at least one prompt token per sample")
-    # The model runs the padded batch as it is, so a pad before a real token would
-    # change that token's state: the prompts must be right-padded (real tokens first).
-    expected = torch.arange(prompt_ids.shape[1], device=prompt_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
-    if not torch.equal(prompt_mask, expected):
-        raise ValueError("prompt_mask must mark a prefix of each row (right-padded prompts: real tokens first, "
-                         "pads after); use prosg.data.Collator(..., prompt_padding='right')")
-    return prompt_mask
+    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+    return prompt_ids.gather(1, order), prompt_mask.gather(1, order)
 
 
 @torch.no_grad()
 def prompt_features(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PromptFeatures:
-    """Runs the frozen ``model`` over right-padded prompts and collects, with forward
-    hooks on every block's ``ln1``/``ln2`` and on ``ln_out`` (the model itself is not
-    changed), the per-token normalized hidden states. No gradient reaches the model."""
-    mask = _check_prompt(model, prompt_ids, prompt_mask)
+    """Runs the frozen ``model`` over the prompts and collects, with forward hooks on
+    every block's ``ln1``/``ln2`` and on ``ln_out`` (the model itself is not changed),
+    the per-token normalized hidden states. ``prompt_mask`` marks the real tokens (any
+    padding side; the features come back right-padded). No gradient reaches the model."""
+    prompt_ids, mask = _check_prompt(model, prompt_ids, prompt_mask)
     ln1: dict[int, Tensor] = {}
     ln2: dict[int, Tensor] = {}
     out: list[Tensor] = []
@@ -251,8 +250,8 @@ class SyntheticGradientGenerator(nn.Module):
 
     ``generator(model, prompt_ids, prompt_mask) -> Delta`` with ``U [B, Dout, r]``,
     ``V [B, Din, r]`` for every target; pass it to ``model(ids, delta=...)`` or
-    ``model.generate(ids, n, delta=...)``. Prompts are right-padded (``prompt_mask``
-    marks a prefix of each row); padding does not change the delta.
+    ``model.generate(ids, n, delta=...)``. ``prompt_mask`` marks each row's real tokens
+    (left or right padding); padding does not change the delta.
 
     The generator is built for one model shape (``model.delta_shapes()``); its
     parameters are all that training changes.

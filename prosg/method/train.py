@@ -1,10 +1,11 @@
 """Training the synthetic-gradient generator on a frozen base model (``prosg train``).
 
 Objective (teacher forcing, docs/method.md): for a batch of (prompt, response) pairs,
-``delta = generator(model, prompt)``; then the frozen model runs over
-``prompt + response`` *with the delta applied to every token, the prompt's included*
-(exactly what ``model.generate(prompt, n, delta=delta)`` does at inference), and the
-loss is the mean next-token cross-entropy over the response tokens. Only the
+``delta = generator(model, prompt)``; the frozen model reads the prompt but its last
+token without the delta, then ``prompt[-1] + response`` *with* it (the delta applies
+at every position that predicts a response token: the convention of
+:func:`prosg.method.evaluation.evaluate`, so training and evaluation run the same
+function), and the loss is the mean next-token cross-entropy over the response tokens. Only the
 generator's parameters receive gradients; they flow through the fused low-rank kernels.
 
 Data: the multi-stage benchmark (docs/benchmark.md). Example ``i`` of a seed is a pure
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, collate, encode_example, generate_example
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
-from prosg.models import RWKV4LM
+from prosg.models import RWKV4LM, RWKV4State
 
 log = logging.getLogger("prosg.train")
 
@@ -115,12 +116,51 @@ def batch_indices(config: TrainConfig, step: int, rank: int, world: int) -> rang
 # --------------------------------------------------------------------------- loss
 
 
-def response_loss(model: RWKV4LM, batch: Batch, delta=None) -> Tensor:
-    """Mean next-token cross-entropy over the response tokens of a right-padded batch
-    (``labels`` are unshifted: the logits at ``t-1`` predict ``labels[t]``)."""
-    logits, _ = model(batch.input_ids, delta=delta)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX)
+@torch.no_grad()
+def prefix_state(model: RWKV4LM, prompt_ids: Tensor, prompt_lengths: Tensor) -> RWKV4State | None:
+    """The base model's state after all but the last token of each (right-padded)
+    prompt, without delta; rows of equal length run together, so no pad ever enters a
+    state. None when every prompt is one token (the empty state)."""
+    B = prompt_ids.shape[0]
+    cfg = model.config
+    lengths = prompt_lengths.tolist()
+    if all(n == 1 for n in lengths):
+        return None
+    state = RWKV4State.zeros(cfg.num_hidden_layers, B, cfg.hidden_size, cfg.attention_hidden_size,
+                             dtype=model.dtype, device=model.device)
+    for n in sorted(set(lengths) - {1}):
+        rows = torch.tensor([b for b in range(B) if lengths[b] == n], dtype=torch.long, device=model.device)
+        _, s = model(prompt_ids.index_select(0, rows)[:, : n - 1], logits_to_keep=1)
+        state.att_shift.index_copy_(1, rows, s.att_shift)
+        state.ffn_shift.index_copy_(1, rows, s.ffn_shift)
+        state.wkv.index_copy_(1, rows, s.wkv)
+    return state
+
+
+def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
+    """``[B, 1 + R]`` ids ``prompt[-1] ‖ response`` (right-padded) and their labels
+    (the response tokens, IGNORE_INDEX at pads), from a right-padded batch."""
+    if batch.prompt_padding != "right":
+        raise ValueError("the training batch must be right-padded (Collator(..., prompt_padding='right'))")
+    B, R = batch.response_ids.shape
+    last = batch.prompt_ids.gather(1, (batch.prompt_lengths - 1).clamp(min=0).unsqueeze(1))
+    ids = torch.cat([last, batch.response_ids], 1)
+    labels = torch.cat([torch.full_like(last, IGNORE_INDEX),
+                        batch.response_ids.masked_fill(~batch.response_mask, IGNORE_INDEX)], 1)
+    return ids, labels
+
+
+def response_loss(model: RWKV4LM, batch: Batch, delta=None, state: RWKV4State | None = None) -> Tensor:
+    """Mean next-token cross-entropy over the response tokens of a right-padded batch,
+    with ``delta`` applied from each prompt's last token on (the convention of
+    :func:`prosg.method.evaluation.evaluate`): the prompt but its last token is read by
+    the base model (``state``: :func:`prefix_state`, computed when not given), then
+    ``prompt[-1] ‖ response`` runs under the delta."""
+    if state is None:
+        state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
+    ids, labels = continuation(batch)
+    logits, _ = model(ids, state=state, delta=delta)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 class _Objective(nn.Module):
@@ -132,10 +172,10 @@ class _Objective(nn.Module):
         self.generator = generator
         self._model = [model]
 
-    def forward(self, batch: Batch) -> Tensor:
+    def forward(self, batch: Batch, state: RWKV4State | None) -> Tensor:
         model = self._model[0]
         delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
-        return response_loss(model, batch, delta)
+        return response_loss(model, batch, delta, state)
 
 
 def freeze(model: RWKV4LM) -> RWKV4LM:
@@ -317,7 +357,9 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # device_ids=None: the module lives on one device and the inputs already do, so
+        # DDP need not move them (its scatter does not know Batch/RWKV4State).
+        objective = DistributedDataParallel(objective, device_ids=None)
     log.info("generator: %d parameters, targets %s, rank %d; base model frozen (%d parameters)",
              generator.num_parameters(), generator.targets, generator.config.rank,
              sum(p.numel() for p in model.parameters()))
@@ -331,7 +373,8 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator.train()
-        loss = objective(batch)
+        state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
+        loss = objective(batch, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip or float("inf"))
@@ -340,7 +383,7 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
         record = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
         if done % log_every == 0 or done == config.steps or step == start:
             with torch.no_grad():
-                record["base_loss"] = float(response_loss(model, batch))  # same batch, no delta
+                record["base_loss"] = float(response_loss(model, batch, None, state))  # same batch, no delta
             record["elapsed_s"] = round(time.perf_counter() - t0, 2)
             history.append(record)
             if rank == 0:
