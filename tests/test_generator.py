@@ -210,5 +210,7 @@ def test_config_round_trip():
     cfg = GeneratorConfig(targets="blocks.0.attention.key, blocks.*.feed_forward.value", rank=5, scale=0.25)
     assert cfg.targets == ("blocks.0.attention.key", "blocks.*.feed_forward.value")
     assert GeneratorConfig.from_dict(cfg.to_dict()) == cfg
+    assert GeneratorConfig.from_dict({"targets": "blocks.0.attention.key,blocks.1.attention.value"}).targets == (
+        "blocks.0.attention.key", "blocks.1.attention.value")
     with pytest.raises(ValueError, match="unknown fields"):
         GeneratorConfig.from_dict({"rnak": 3})

@@ -91,7 +91,8 @@ class GeneratorConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"GeneratorConfig: unknown fields {sorted(unknown)}")
-        return cls(**{**d, "targets": tuple(d.get("targets", DEFAULT_TARGETS))})
+        targets = d.get("targets", DEFAULT_TARGETS)
+        return cls(**{**d, "targets": targets if isinstance(targets, str) else tuple(targets)})
 
 
 def resolve_targets(patterns: tuple[str, ...] | list[str], shapes: dict[str, tuple[int, int]]) -> list[str]:
