@@ -15,8 +15,8 @@ Environment:
   MAX_JOBS              parallel compile jobs (honoured by ninja via cpp_extension)
   PROSG_CPU_ISA=auto|avx512|avx2|generic
                         instruction set of the CPU kernels (at::vec::Vectorized picks
-                        its registers at compile time in an extension). auto: avx2 on
-                        x86-64, generic elsewhere. `import prosg` checks the CPU.
+                        its registers at compile time in an extension). auto: the
+                        widest this machine runs. `import prosg` checks the CPU.
   PROSG_DEBUG=1         -O0 -g
 """
 
@@ -95,12 +95,29 @@ _CPU_ISAS = {
 }
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def _cpu_isa() -> str:
+    """auto: the widest of avx512 / avx2 that this (the building) machine runs, like
+    -march=native for the vector width only; `import prosg` refuses to load the build
+    on a CPU that lacks it. Set PROSG_CPU_ISA=avx2 (or generic) for a portable build."""
     isa = os.environ.get("PROSG_CPU_ISA", "auto").strip().lower()
     if isa == "auto":
         import platform
 
-        isa = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
+        flags = _cpu_flags() if platform.machine().lower() in ("x86_64", "amd64") else set()
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            isa = "avx512"
+        elif {"avx2", "fma"} <= flags:
+            isa = "avx2"
+        else:
+            isa = "generic"
     if isa not in _CPU_ISAS:
         sys.exit(f"PROSG_CPU_ISA must be auto, avx512, avx2 or generic, got {isa!r}")
     return isa
