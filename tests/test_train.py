@@ -184,3 +184,27 @@ def test_response_loss_applies_the_delta_from_the_last_prompt_token():
             total += float(torch.nn.functional.cross_entropy(logits[0, :-1], r[0], reduction="sum"))
             count += r.shape[1]
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
+    from prosg.__main__ import main
+
+    base = tmp_path / "base"
+    _model().save_pretrained(base)
+    small = ["--stage-length", "3", "--ramble-length", "3", "--max-stages", "3", "--no-progress"]
+    assert main(["demo", "--base", str(base), "--out", str(tmp_path / "demo"), "--steps", "2", "--n", "4",
+                 "--batch-size", "2", "--rank", "2", "--hidden-size", "8"] + small) == 0
+    for name in ("report.json", "report.md", "forgetting.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(report["methods"]) == {"baseline", "repeat_prompt", "prosg"}
+    for m in report["methods"].values():
+        assert m["overall"]["examples"] == 4 and m["by_stage"] and "compliance" in m["by_stage"][0]
+    gen = tmp_path / "demo" / "generator" / GENERATOR
+    assert main(["eval", "--base", str(base), "--generator", str(gen), "--out", str(tmp_path / "eval"),
+                 "--n", "3", "--methods", "baseline,prosg", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["methods"]) == {"baseline", "prosg"}
+    assert report["benchmark"]["stage_length"] == 3  # the generator's training task
+    with pytest.raises(SystemExit, match="needs --generator"):
+        main(["eval", "--base", str(base), "--out", str(tmp_path / "e2"), "--n", "2"])

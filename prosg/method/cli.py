@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
 
 def _load_base(path: str | None):
@@ -62,6 +64,70 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from prosg.method.demo import held_out, run_methods, write_report
+    from prosg.method.train import load_generator, read_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model, benchmark = _load_base(args.base)
+    model = model.to(args.device or "cpu")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    generator = None
+    data = benchmark.to_dict() if benchmark is not None else {}
+    if args.generator:
+        generator = load_generator(args.generator, model)
+        # evaluate on the task the generator was trained on (flags override it)
+        data = json.loads(read_checkpoint(args.generator)[1]["train_config"])["data"] or data
+    elif "prosg" in methods:
+        raise SystemExit("prosg eval: method 'prosg' needs --generator (or drop it from --methods)")
+    from prosg.data import MultiStageConfig
+
+    bench = MultiStageConfig.from_dict({**data, **_data_fields(args)})
+    examples = held_out(bench, args.n, args.seed)
+    results = run_methods(model, examples, generator, methods, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    write_report(args.out, results, {"base_model": args.base or "bundled", "generator": args.generator,
+                                     "examples": args.n, "test_seed": args.seed, "benchmark": bench.to_dict()})
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    from prosg.method.demo import held_out, run_methods, write_report
+    from prosg.method.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.perf_counter()
+    model, benchmark = _load_base(args.base)
+    from prosg.data import MultiStageConfig
+
+    # the base model's own task (flags override its fields)
+    benchmark = MultiStageConfig.from_dict({**(benchmark.to_dict() if benchmark is not None else {}),
+                                            **_data_fields(args)})
+    steps = args.steps if args.steps is not None else (60 if args.quick else 300)
+    n = args.n if args.n is not None else (64 if args.quick else 200)
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
+                         seed=args.seed, data_seed=0, data=benchmark.to_dict(),
+                         generator={"rank": args.rank, "hidden_size": args.hidden_size, "targets": args.targets})
+    out = Path(args.out)
+    result = train(model, config, out / "generator", resume=args.resume, device=args.device,
+                   save_every=max(steps // 4, 1), log_every=max(steps // 20, 1), progress=not args.no_progress)
+    train_s = time.perf_counter() - t0
+    examples = held_out(benchmark, n, args.test_seed)
+    results = run_methods(model, examples, result["generator"], batch_size=32, progress=not args.no_progress)
+    hist = result["history"]
+    info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
+            "examples": n, "test_seed": args.test_seed, "benchmark": benchmark.to_dict(),
+            "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
+                      "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    write_report(out, results, info)
+    print((out / "report.md").read_text())
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Adds the method's subcommands to ``prosg``'s parser."""
     from prosg.method.generator import DEFAULT_TARGETS
@@ -93,6 +159,43 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_data_args(p)
     p.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="compliance of baseline / repeat_prompt / prosg on held-out prompts",
+                       description="Greedy responses on held-out benchmark prompts, scored per stage; writes "
+                                   "OUT/report.json (methods.<name>.by_stage, .overall), report.md, forgetting.png.")
+    e.add_argument("--base", default=None, help="base model directory; default: the bundled one")
+    e.add_argument("--generator", default=None, help="a trained generator (OUT/generator.safetensors of prosg train)")
+    e.add_argument("--out", required=True, help="report directory")
+    e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
+    e.add_argument("--n", type=int, default=200, help="held-out examples")
+    e.add_argument("--seed", type=int, default=1, help="benchmark seed of the held-out examples")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--device", default=None)
+    e.add_argument("--no-progress", action="store_true")
+    _add_data_args(e)
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="the whole method on the bundled base model: train, evaluate, report",
+                       description="Trains the generator on the bundled base model, evaluates baseline, "
+                                   "repeat_prompt and prosg on held-out prompts and writes OUT/report.json, "
+                                   "report.md and forgetting.png (about 10 minutes on 2 CPU cores; --quick: 3).")
+    d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
+    d.add_argument("--quick", action="store_true", help="fewer steps and examples (about 3 minutes)")
+    d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 60)")
+    d.add_argument("--n", type=int, default=None, help="held-out examples (default 200; --quick 64)")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--lr", type=float, default=1e-2)
+    d.add_argument("--rank", type=int, default=4)
+    d.add_argument("--hidden-size", type=int, default=64)
+    d.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--test-seed", type=int, default=1)
+    d.add_argument("--device", default=None)
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
+    d.add_argument("--no-progress", action="store_true")
+    _add_data_args(d)
+    d.set_defaults(func=_demo)
 
     from prosg.method.pretrain import add_pretrain_parser
 

@@ -1,0 +1,138 @@
+"""``prosg eval`` and ``prosg demo``: compliance of baseline / repeat-prompt / ProSG on
+held-out benchmark prompts, written as ``report.json``, ``report.md`` and
+``forgetting.png``.
+
+Methods (all greedy, scored by the benchmark's exact verifiers through
+:func:`prosg.method.evaluation.evaluate`):
+
+* ``baseline``: the frozen base model on the prompt.
+* ``repeat_prompt``: the base model reading the prompt twice
+  (:func:`prosg.method.evaluation.repeat_prompt`), a no-training baseline against
+  forgetting.
+* ``prosg``: the base model with the trained generator's delta, applied from the
+  prompt's last token on (the convention training uses too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from prosg.data import Example, MultiStageConfig, generate_examples
+from prosg.method.evaluation import EvalResult, evaluate, format_result, repeat_prompt
+from prosg.method.generator import SyntheticGradientGenerator
+from prosg.models import RWKV4LM
+
+log = logging.getLogger("prosg.demo")
+
+METHODS = ("baseline", "repeat_prompt", "prosg")
+
+
+def prosg_delta_fn(model: RWKV4LM, generator: SyntheticGradientGenerator):
+    """``evaluate``'s ``delta_fn``: the generator's delta for a (left-padded) prompt batch."""
+
+    @torch.no_grad()
+    def delta_fn(batch):
+        return generator(model, batch.prompt_ids.to(model.device), batch.prompt_mask.to(model.device))
+
+    return delta_fn
+
+
+def run_methods(model: RWKV4LM, examples: list[Example], generator: SyntheticGradientGenerator | None,
+                methods: tuple[str, ...] = METHODS, *, batch_size: int = 32,
+                progress: bool = False) -> dict[str, EvalResult]:
+    """Each method's :class:`EvalResult` on ``examples``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if "prosg" in methods and generator is None:
+        raise ValueError("method 'prosg' needs a trained generator")
+    results = {}
+    for name in methods:
+        t0 = time.perf_counter()
+        kwargs = {}
+        if name == "repeat_prompt":
+            kwargs["prompt_fn"] = repeat_prompt
+        elif name == "prosg":
+            generator.eval()
+            kwargs["delta_fn"] = prosg_delta_fn(model, generator)
+        results[name] = evaluate(model, examples, batch_size=batch_size, progress=progress, **kwargs)
+        log.info("%s: stage compliance %.3f (%.1f s)", name, results[name].overall["compliance"] or 0.0,
+                 time.perf_counter() - t0)
+    return results
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) -> dict:
+    """Writes ``report.json`` (``methods.<name>.{overall,by_stage,last_stage,by_distance,
+    by_op}`` plus ``info``), ``report.md`` and ``forgetting.png``; returns the JSON."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {**info, "methods": {name: r.summary() for name, r in results.items()}}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out / "report.json")
+
+    names = list(results)
+    stages = max((len(r.by_stage) for r in results.values()), default=0)
+    lines = ["# ProSG: prompt forgetting on held-out benchmark prompts", ""]
+    for key in ("base_model", "generator", "examples", "test_seed", "train"):
+        if key in info:
+            lines.append(f"- {key}: `{json.dumps(info[key])}`")
+    lines += ["", "Stage compliance (exact span) by stage position; `last` = each example's final stage.", "",
+              "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " | last | exact responses |",
+              "|---" * (stages + 4) + "|"]
+    for name in names:
+        r = results[name]
+        cells = [_pct(g["compliance"]) for g in r.by_stage] + ["-"] * (stages - len(r.by_stage))
+        lines.append(f"| {name} | {_pct(r.overall['compliance'])} | " + " | ".join(cells)
+                     + f" | {_pct(r.last_stage['compliance'])} | {_pct(r.overall['exact_response'])} |")
+    lines += ["", "Token accuracy by stage position:", "",
+              "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " |",
+              "|---" * (stages + 2) + "|"]
+    for name in names:
+        r = results[name]
+        cells = [_pct(g["accuracy"]) for g in r.by_stage] + ["-"] * (stages - len(r.by_stage))
+        lines.append(f"| {name} | {_pct(r.overall['accuracy'])} | " + " | ".join(cells) + " |")
+    for name in names:
+        lines += ["", f"## {name}", "", "```", format_result(results[name]), "```"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_forgetting(results, out / "forgetting.png")
+    return report
+
+
+def plot_forgetting(results: dict[str, EvalResult], path: str | Path) -> None:
+    """Compliance against stage position and against distance from the prompt, one line
+    per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in results.items():
+        xs = [g["stage"] for g in r.by_stage if g["count"]]
+        a.plot(xs, [g["compliance"] for g in r.by_stage if g["count"]], marker="o", label=name)
+        mids = [(g["lo"] + g["hi"]) / 2 for g in r.by_distance if g["count"]]
+        b.plot(mids, [g["accuracy"] for g in r.by_distance if g["count"]], marker="o", label=name)
+    a.set(xlabel="stage position", ylabel="stage compliance (exact)", title="Compliance by stage", ylim=(0, 1))
+    b.set(xlabel="distance of the stage start from the prompt (tokens)", ylabel="token accuracy",
+          title="Accuracy by distance", ylim=(0, 1))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def held_out(benchmark: MultiStageConfig, n: int, seed: int) -> list[Example]:
+    return generate_examples(benchmark, n, seed=seed)
