@@ -214,3 +214,17 @@ def test_config_round_trip():
         "blocks.0.attention.key", "blocks.1.attention.value")
     with pytest.raises(ValueError, match="unknown fields"):
         GeneratorConfig.from_dict({"rnak": 3})
+
+
+def test_rank_components_are_distinct():
+    """The r pooled components start different (random pooling vectors), so the delta
+    can use its whole rank: with equal pools they would stay equal through training."""
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=3, hidden_size=8))
+    with torch.no_grad():
+        for head in gen.heads.values():
+            head.delta.weight.normal_(0, 0.3)
+    delta = gen(model, _ids(1, 6))
+    for name, (U, V) in delta.factors.items():
+        assert torch.linalg.matrix_rank(U[0].double()) == 3, name
+        assert torch.linalg.matrix_rank(V[0].double()) == 3, name

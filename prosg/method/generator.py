@@ -229,9 +229,10 @@ class _TargetHead(nn.Module):
         self.delta = nn.Linear(width, d_out, bias=False)
         self.input = nn.Linear(width, d_in, bias=False) if learned_input else None
         # Zero delta head: U = 0, so the initial delta is exactly zero and training
-        # starts from the base model (as LoRA's zero B). The pool starts uniform.
+        # starts from the base model (as LoRA's zero B). The pooling weights stay
+        # random: with equal pools all r components would be equal and get equal
+        # gradients forever (the delta would stay rank one).
         nn.init.zeros_(self.delta.weight)
-        nn.init.zeros_(self.pool.weight)
         nn.init.zeros_(self.pool.bias)
 
     def forward(self, h: Tensor, summary: Tensor, mask: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
