@@ -150,6 +150,29 @@ def wkv(dtype, B, T, C, r, state, lowrank_kv):
     return run
 
 
+def decode_step(dtype, B, H, C, F, r, with_deltas):
+    def run():
+        kw = dict(device=dev, dtype=dtype)
+
+        def delta(dout, din):
+            return (torch.randn(B, dout, r, **kw), torch.randn(B, din, r, **kw)) if with_deltas else None
+
+        x, shift = torch.randn(B, H, **kw), torch.randn(B, H, **kw)
+        state = torch.randn(B, 3, C, device=dev)
+        state[:, 1].abs_()
+        mixes = [torch.rand(1, 1, H, **kw) for _ in range(3)]
+        with torch.no_grad():
+            out, state_out = prosg.ops.rwkv4_time_mix_step(
+                x, shift, state, *mixes, torch.randn(C, device=dev), torch.randn(C, device=dev),
+                torch.randn(C, H, **kw), torch.randn(C, H, **kw), torch.randn(C, H, **kw), torch.randn(H, C, **kw),
+                deltas=[delta(C, H), delta(C, H), delta(C, H), delta(H, C)])
+            ffn = prosg.ops.rwkv4_channel_mix_step(
+                x, shift, mixes[0], mixes[1], torch.randn(F, H, **kw), torch.randn(H, H, **kw),
+                torch.randn(H, F, **kw), deltas=[delta(F, H), delta(H, H), delta(H, F)])
+        assert torch.isfinite(state_out).all() and out.shape == ffn.shape == (B, H)
+    return run
+
+
 print(prosg.backends(), flush=True)
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -159,6 +182,9 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     case(f"lowrank_linear {n} r=1", lowrank(dtype, 2, 9, 255, 7, 1, True, True, 1))
     case(f"wkv4 {n} plain", wkv(dtype, 2, 33, 67, 0, False, False))
     case(f"wkv4 {n} state+lowrank", wkv(dtype, 3, 65, 131, 4, True, True))
+    case(f"wkv4 {n} long (chunked scan)", wkv(dtype, 1, 4099, 37, 2, True, True))
+    case(f"rwkv4 decode steps {n}", decode_step(dtype, 3, 37, 45, 70, 5, True))
+    case(f"rwkv4 decode steps {n} no delta", decode_step(dtype, 1, 64, 64, 256, 1, False))
 print(f"{failed} failed, {missing} without a CUDA kernel", flush=True)
 sys.exit(1 if failed else 0)
 EOF
