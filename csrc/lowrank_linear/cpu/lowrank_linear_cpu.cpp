@@ -11,21 +11,12 @@
 
 #include <vector>
 
+#include "common/torch_utils.h"
 #include "common/cpu_vec.h"
 #include "lowrank_linear/lowrank_linear.h"
 
 namespace prosg::lowrank {
 namespace {
-
-at::ScalarType scalar_type_of(DType d) {
-  switch (d) {
-    case DType::kFloat32: return at::kFloat;
-    case DType::kFloat16: return at::kHalf;
-    case DType::kBFloat16: return at::kBFloat16;
-    case DType::kFloat64: return at::kDouble;
-  }
-  return at::kFloat;
-}
 
 // Rows per task: enough work (rows * dim * rank multiply-adds) to amortise a task and
 // the factor packing, which costs dim * rank per chunk.
@@ -105,12 +96,12 @@ void expand_kernel(const LowrankExpandParams& p) {
 }
 
 void shrink_cpu(const LowrankShrinkParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "lowrank_shrink_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "lowrank_shrink_cpu",
                                   [&] { shrink_kernel<scalar_t>(p); });
 }
 
 void expand_cpu(const LowrankExpandParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "lowrank_expand_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "lowrank_expand_cpu",
                                   [&] { expand_kernel<scalar_t>(p); });
 }
 

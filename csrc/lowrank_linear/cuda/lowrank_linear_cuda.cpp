@@ -4,24 +4,21 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_host.h"
 #include "lowrank_linear/cuda/lowrank_linear_launch.h"
 #include "lowrank_linear/lowrank_linear.h"
 
 namespace prosg::lowrank {
 namespace {
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "prosg: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
-}
-
 void shrink_cuda(const LowrankShrinkParams& p) {
   TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
-  check_launch(cuda::launch_lowrank_shrink(p, c10::cuda::getCurrentCUDAStream().stream()), "lowrank shrink");
+  check_launch(cuda::launch_lowrank_shrink(p, current_stream()), "lowrank shrink");
 }
 
 void expand_cuda(const LowrankExpandParams& p) {
   TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
-  check_launch(cuda::launch_lowrank_expand(p, c10::cuda::getCurrentCUDAStream().stream()), "lowrank expand");
+  check_launch(cuda::launch_lowrank_expand(p, current_stream()), "lowrank expand");
 }
 
 constexpr Backend kCuda{&shrink_cuda, &expand_cuda};

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/torch_utils.h"
 #include "rwkv4_step/rwkv4_step.h"
 #include "rwkv4_step/rwkv4_step_math.h"
 #include "wkv4/wkv4_math.h"
@@ -14,20 +15,10 @@
 namespace prosg::rwkv4_step {
 namespace {
 
-at::ScalarType scalar_type_of(DType d) {
-  switch (d) {
-    case DType::kFloat32: return at::kFloat;
-    case DType::kFloat16: return at::kHalf;
-    case DType::kBFloat16: return at::kBFloat16;
-    case DType::kFloat64: return at::kDouble;
-  }
-  return at::kFloat;
-}
-
 int64_t grain(int64_t per_sample) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_sample)); }
 
 void mix_cpu(const Rwkv4MixParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "rwkv4_mix_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "rwkv4_mix_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto* x = static_cast<const scalar_t*>(p.x);
     const auto* shift = static_cast<const scalar_t*>(p.shift);
@@ -48,7 +39,7 @@ void mix_cpu(const Rwkv4MixParams& p) {
 }
 
 void gate_cpu(const Rwkv4GateParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "rwkv4_gate_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "rwkv4_gate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto* w = static_cast<const acc_t*>(p.w);
     const auto* u = static_cast<const acc_t*>(p.u);

@@ -4,22 +4,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_host.h"
 #include "rwkv4_step/cuda/rwkv4_step_launch.h"
 #include "rwkv4_step/rwkv4_step.h"
 
 namespace prosg::rwkv4_step {
 namespace {
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "prosg: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
-}
-
 void mix_cuda(const Rwkv4MixParams& p) {
-  check_launch(cuda::launch_rwkv4_mix(p, c10::cuda::getCurrentCUDAStream().stream()), "rwkv4 token-shift mix");
+  check_launch(cuda::launch_rwkv4_mix(p, current_stream()), "rwkv4 token-shift mix");
 }
 
 void gate_cuda(const Rwkv4GateParams& p) {
-  check_launch(cuda::launch_rwkv4_gate(p, c10::cuda::getCurrentCUDAStream().stream()), "rwkv4 wkv gate");
+  check_launch(cuda::launch_rwkv4_gate(p, current_stream()), "rwkv4 wkv gate");
 }
 
 Backend cuda_backend() { return Backend{&mix_cuda, &gate_cuda, lowrank::cuda_backend()}; }

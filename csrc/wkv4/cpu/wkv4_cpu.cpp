@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/torch_utils.h"
 #include "wkv4/wkv4.h"
 #include "wkv4/wkv4_math.h"
 
@@ -312,16 +313,6 @@ void backward_task(const Task<scalar_t>& task) {
   if (p.grad_state_in != nullptr) store_rows(task, p.grad_state_in, g.a, g.b, g.p);
 }
 
-at::ScalarType scalar_type_of(DType d) {
-  switch (d) {
-    case DType::kFloat32: return at::kFloat;
-    case DType::kFloat16: return at::kHalf;
-    case DType::kBFloat16: return at::kBFloat16;
-    case DType::kFloat64: return at::kDouble;
-  }
-  return at::kFloat;
-}
-
 // Splits (sample, channel range) tasks over the threads: whole samples when the batch
 // alone keeps every thread busy, else each sample's channels in vector-aligned ranges.
 template <typename scalar_t, typename Fn>
@@ -347,12 +338,12 @@ void for_each_task(const Wkv4Params& p, Fn&& fn) {
 }
 
 void forward_cpu(const Wkv4Params& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "wkv4_forward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "wkv4_forward_cpu",
                                   [&] { for_each_task<scalar_t>(p, [](const Task<scalar_t>& t) { forward_task(t); }); });
 }
 
 void backward_cpu(const Wkv4Params& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scalar_type_of(p.dtype), "wkv4_backward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "wkv4_backward_cpu",
                                   [&] { for_each_task<scalar_t>(p, [](const Task<scalar_t>& t) { backward_task(t); }); });
 }
 

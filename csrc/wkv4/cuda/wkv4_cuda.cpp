@@ -5,15 +5,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_host.h"
 #include "wkv4/cuda/wkv4_launch.h"
 #include "wkv4/wkv4.h"
 
 namespace prosg::wkv4 {
 namespace {
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "prosg: CUDA launch of ", what, " failed: ", cudaGetErrorString(err));
-}
 
 void check_grid(const Wkv4Params& p) {
   TORCH_CHECK_VALUE(p.batch <= 65535, "prosg.wkv4: batch size must be <= 65535 on CUDA, got ", p.batch);
@@ -27,14 +24,14 @@ void forward_cuda(const Wkv4Params& p) {
   check_grid(p);
   const int64_t chunks = cuda::wkv4_forward_chunks(p.batch, p.channels, p.seqlen);
   const at::Tensor ws = workspace(cuda::wkv4_forward_workspace(p.batch, p.channels, chunks));
-  check_launch(cuda::launch_wkv4_forward(p, chunks, ws.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::launch_wkv4_forward(p, chunks, ws.data_ptr<float>(), current_stream()),
                "wkv4 forward");
 }
 
 void backward_cuda(const Wkv4Params& p) {
   check_grid(p);
   const at::Tensor ws = workspace(cuda::wkv4_backward_workspace(p.batch, p.channels, p.seqlen));
-  check_launch(cuda::launch_wkv4_backward(p, ws.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::launch_wkv4_backward(p, ws.data_ptr<float>(), current_stream()),
                "wkv4 backward");
 }
 
