@@ -106,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
     # the base model's own task (flags override its fields)
     benchmark = MultiStageConfig.from_dict({**(benchmark.to_dict() if benchmark is not None else {}),
                                             **_data_fields(args)})
-    steps = args.steps if args.steps is not None else (60 if args.quick else 300)
+    steps = args.steps if args.steps is not None else (50 if args.quick else 300)
     n = args.n if args.n is not None else (64 if args.quick else 200)
     config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
                          seed=args.seed, data_seed=0, data=benchmark.to_dict(),
@@ -182,7 +182,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="fewer steps and examples (about 3 minutes)")
     d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 60)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 50)")
     d.add_argument("--n", type=int, default=None, help="held-out examples (default 200; --quick 64)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=1e-2)

@@ -123,6 +123,7 @@ def plot_forgetting(results: dict[str, EvalResult], path: str | Path) -> None:
         a.plot(xs, [g["compliance"] for g in r.by_stage if g["count"]], marker="o", label=name)
         mids = [(g["lo"] + g["hi"]) / 2 for g in r.by_distance if g["count"]]
         b.plot(mids, [g["accuracy"] for g in r.by_distance if g["count"]], marker="o", label=name)
+    a.set_xticks(range(1, 1 + max((len(r.by_stage) for r in results.values()), default=1)))
     a.set(xlabel="stage position", ylabel="stage compliance (exact)", title="Compliance by stage", ylim=(0, 1))
     b.set(xlabel="distance of the stage start from the prompt (tokens)", ylabel="token accuracy",
           title="Accuracy by distance", ylim=(0, 1))
