@@ -59,6 +59,14 @@ class PretrainConfig:
     ``repeat_prompt_every``: every n-th training example (0: none) reads its prompt
     twice (:func:`prosg.method.evaluation.repeat_prompt`), so the "repeat the prompt"
     baseline is evaluated on a format the model knows.
+    ``bptt``: truncated back-propagation through time: the sequence runs in chunks of
+    ``bptt`` tokens, each starting from the previous chunk's state *detached* (0: full
+    back-propagation). This is how the base model's forgetting is controlled: the
+    forward pass carries the prompt's information forward without limit, but no
+    gradient ever teaches the model to keep something longer than ``bptt`` tokens, so
+    the first stage (within reach of the prompt) is learnt and the later ones are
+    recalled only as far as memory learnt for near stages happens to last -- the
+    situation of a real RWKV-4 beyond its training context.
     ``seed``: torch seed of the initialisation. ``threads``: torch CPU threads while
     training (None: leave torch's setting). Default 1: the tensors of a tiny model are
     too small to split well, and on a shared machine two threads that wait on each
@@ -83,6 +91,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     train_on_prompt: bool = False
     repeat_prompt_every: int = 8
+    bptt: int = 32
     threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -93,7 +102,7 @@ class PretrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"PretrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("seed", "data_seed", "warmup_steps", "repeat_prompt_every"):
+        for name in ("seed", "data_seed", "warmup_steps", "repeat_prompt_every", "bptt"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"PretrainConfig.{name} must be an int >= 0, got {v!r}")
@@ -158,13 +167,30 @@ def training_batch(cfg: PretrainConfig, step: int, collator: Collator):
     return collator(pairs)
 
 
-def lm_loss(model: RWKV4LM, batch) -> torch.Tensor:
+def lm_loss(model: RWKV4LM, batch, bptt: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (HF convention:
     logits at t-1 predict labels[t]). Right padding: pads only follow real tokens, so
-    they never reach the state of a labelled position."""
-    logits, _ = model(batch.input_ids)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    they never reach the state of a labelled position. ``bptt > 0``: truncated
+    back-propagation in chunks of ``bptt`` tokens (the state crosses chunk borders
+    detached); the loss is the same function of the weights, only its gradient is cut."""
+    ids = batch.input_ids
+    targets = batch.labels[:, 1:]
+    if bptt <= 0 or bptt >= ids.shape[1]:
+        logits, _ = model(ids)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    total = ids.new_zeros((), dtype=torch.float32)
+    state = None
+    T = ids.shape[1] - 1  # positions that predict something
+    for start in range(0, T, bptt):
+        stop = min(start + bptt, T)
+        logits, state = model(ids[:, start:stop], state=state)
+        state = state.detach()
+        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                        targets[:, start:stop].reshape(-1), ignore_index=IGNORE_INDEX,
+                                        reduction="sum")
+    return total / count
 
 
 def _param_groups(model: RWKV4LM, weight_decay: float) -> list[dict]:
@@ -211,7 +237,7 @@ def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             batch = training_batch(cfg, step, collator)
-            loss = lm_loss(model, batch)
+            loss = lm_loss(model, batch, cfg.bptt)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -283,7 +309,7 @@ def _benchmark_from_args(args: argparse.Namespace) -> MultiStageConfig:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     defaults = PretrainConfig()
     kw = {}
-    for name in ("seed", "data_seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "threads"):
+    for name in ("seed", "data_seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "threads", "bptt"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -344,6 +370,7 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--steps", type=int, default=None, help=f"default {d.steps}")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
+    p.add_argument("--bptt", type=int, default=None, help=f"truncated BPTT chunk, tokens (default {d.bptt}; 0: full)")
     p.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default {d.threads}; 0: torch's setting)")
     b = BASE_BENCHMARK
     p.add_argument("--min-stages", type=int, default=None, help=f"default {b.min_stages}")
