@@ -151,7 +151,7 @@ def test_cli_train(tmp_path, capsys):
     _model().save_pretrained(base)
     argv = ["train", "--base", str(base), "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2",
             "--rank", "2", "--hidden-size", "8", "--stage-length", "4", "--ramble-length", "4", "--max-stages", "3",
-            "--no-progress", "--log-every", "1", "--device", "cpu"]
+            "--no-progress", "--log-every", "1", "--device", "cpu", "--threads", "0"]
     assert main(argv) == 0
     assert "trained 3 steps" in capsys.readouterr().out
     assert (tmp_path / "run" / GENERATOR).is_file()
@@ -191,7 +191,8 @@ def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
 
     base = tmp_path / "base"
     _model().save_pretrained(base)
-    small = ["--stage-length", "3", "--ramble-length", "3", "--max-stages", "3", "--no-progress"]
+    # --threads 0: the CLI must not change this test process's thread count
+    small = ["--stage-length", "3", "--ramble-length", "3", "--max-stages", "3", "--no-progress", "--threads", "0"]
     assert main(["demo", "--base", str(base), "--out", str(tmp_path / "demo"), "--steps", "2", "--n", "4",
                  "--batch-size", "2", "--rank", "2", "--hidden-size", "8"] + small) == 0
     for name in ("report.json", "report.md", "forgetting.png"):
@@ -202,9 +203,9 @@ def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
         assert m["overall"]["examples"] == 4 and m["by_stage"] and "compliance" in m["by_stage"][0]
     gen = tmp_path / "demo" / "generator" / GENERATOR
     assert main(["eval", "--base", str(base), "--generator", str(gen), "--out", str(tmp_path / "eval"),
-                 "--n", "3", "--methods", "baseline,prosg", "--no-progress"]) == 0
+                 "--n", "3", "--methods", "baseline,prosg", "--no-progress", "--threads", "0"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["methods"]) == {"baseline", "prosg"}
     assert report["benchmark"]["stage_length"] == 3  # the generator's training task
     with pytest.raises(SystemExit, match="needs --generator"):
-        main(["eval", "--base", str(base), "--out", str(tmp_path / "e2"), "--n", "2"])
+        main(["eval", "--base", str(base), "--out", str(tmp_path / "e2"), "--n", "2", "--threads", "0"])

@@ -27,6 +27,19 @@ def _load_base(path: str | None):
     return load_base_model(path)
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: a tiny model's ops are too small to split, and on a "
+                        "shared machine threads waiting on each other run several times slower; 0: leave torch's setting)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None and args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark data (docs/benchmark.md)")
     g.add_argument("--min-stages", type=int, default=None, help="fewest stages per prompt")
@@ -43,6 +56,7 @@ def _data_fields(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from prosg.method.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -65,6 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from prosg.method.demo import held_out, run_methods, write_report
     from prosg.method.train import load_generator, read_checkpoint
 
@@ -93,6 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _set_threads(args)
     import time
 
     from prosg.method.demo import held_out, run_methods, write_report
@@ -157,6 +173,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _add_threads_arg(p)
     _add_data_args(p)
     p.set_defaults(func=_train)
 
@@ -172,6 +189,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", action="store_true")
+    _add_threads_arg(e)
     _add_data_args(e)
     e.set_defaults(func=_eval)
 
@@ -194,6 +212,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--device", default=None)
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
     d.add_argument("--no-progress", action="store_true")
+    _add_threads_arg(d)
     _add_data_args(d)
     d.set_defaults(func=_demo)
 
