@@ -254,7 +254,8 @@ def evaluate(model: RWKV4LM, examples: Sequence[Example], *, delta_fn: DeltaFn |
             delta = None
             if delta_fn is not None:
                 batch = collator([TokenizedPair(prompts[i], [], meta={"id": examples[i].id}) for i in rows])
-                delta = delta_fn(batch)
+                with torch.no_grad():  # evaluation: no graph through the delta provider
+                    delta = delta_fn(batch)
             out = generate_responses(model, [prompts[i] for i in rows], [limits[i] for i in rows],
                                      delta=delta, eos_id=tok.eos_id)
             for i, r in zip(rows, out):

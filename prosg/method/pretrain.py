@@ -1,9 +1,10 @@
 """Pretraining the tiny RWKV-4 base model of the forgetting benchmark.
 
 The base model is what ProSG is applied to: an RWKV-4 trained from scratch, by teacher
-forcing, on the multi-stage benchmark (docs/benchmark.md), small enough that it learns
-to carry out an instruction right after the prompt but loses the later ones from its
-fixed-size state as the response grows. ``prosg pretrain --seed 0 --out DIR`` rebuilds
+forcing, on the multi-stage benchmark (docs/benchmark.md), that learns to carry out
+the instruction due right after the prompt but loses the later ones as the response
+grows: truncated back-propagation through time (``bptt``) never teaches it to hold
+anything longer than ``bptt`` tokens. ``prosg pretrain --seed 0 --out DIR`` rebuilds
 the bundled model (``prosg/assets/base_model``, loaded by :func:`load_base_model`);
 docs/base_model.md records how it was trained and what it scores.
 
