@@ -122,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
     # the base model's own task (flags override its fields)
     benchmark = MultiStageConfig.from_dict({**(benchmark.to_dict() if benchmark is not None else {}),
                                             **_data_fields(args)})
-    steps = args.steps if args.steps is not None else (50 if args.quick else 300)
+    steps = args.steps if args.steps is not None else (300 if args.quick else 2000)
     n = args.n if args.n is not None else (64 if args.quick else 200)
     config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
                          seed=args.seed, data_seed=0, data=benchmark.to_dict(),
@@ -158,7 +158,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
@@ -196,11 +196,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the whole method on the bundled base model: train, evaluate, report",
                        description="Trains the generator on the bundled base model, evaluates baseline, "
                                    "repeat_prompt and prosg on held-out prompts and writes OUT/report.json, "
-                                   "report.md and forgetting.png (about 10 minutes on 2 CPU cores; --quick: 3).")
+                                   "report.md and forgetting.png (a few minutes on one CPU thread; --quick: under a minute).")
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
-    d.add_argument("--quick", action="store_true", help="fewer steps and examples (about 3 minutes)")
+    d.add_argument("--quick", action="store_true", help="fewer steps and examples (under a minute on one thread)")
     d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 50)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 2000; --quick 300)")
     d.add_argument("--n", type=int, default=None, help="held-out examples (default 200; --quick 64)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=1e-2)

@@ -57,7 +57,7 @@ class TrainConfig:
 
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.01
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
