@@ -84,9 +84,15 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) ->
     names = list(results)
     stages = max((len(r.by_stage) for r in results.values()), default=0)
     lines = ["# ProSG: prompt forgetting on held-out benchmark prompts", ""]
-    for key in ("base_model", "generator", "examples", "test_seed", "train"):
+    for key in ("base_model", "generator", "examples", "test_seed"):
         if key in info:
             lines.append(f"- {key}: `{json.dumps(info[key])}`")
+    train = info.get("train")
+    if train and train.get("last"):
+        gen_cfg = train.get("config", {}).get("generator", {})
+        lines.append(f"- training: {train['steps']} steps in {train.get('seconds', '?')} s, generator {gen_cfg}; "
+                     f"last batch loss {train['last']['loss']:.4f} vs {train['last']['base_loss']:.4f} "
+                     "without the delta (full record in report.json)")
     lines += ["", "Stage compliance (exact span) by stage position; `last` = each example's final stage.", "",
               "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " | last | exact responses |",
               "|---" * (stages + 4) + "|"]
