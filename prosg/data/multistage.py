@@ -767,6 +767,22 @@ def verify(
     return Verification(tuple(scores), extra_segments, extra_tokens, terminated)
 
 
+def mean_scores(scores: Iterable[StageScore]) -> dict:
+    """``count``, mean ``accuracy``, ``exact`` rate, mean ``prefix`` and mean reference
+    ``distance`` of a group of stage scores (None for the means of an empty group)."""
+    scores = list(scores)
+    n = len(scores)
+    if n == 0:
+        return {"count": 0, "accuracy": None, "exact": None, "prefix": None, "distance": None}
+    return {
+        "count": n,
+        "accuracy": sum(s.accuracy for s in scores) / n,
+        "exact": sum(s.exact for s in scores) / n,
+        "prefix": sum(s.prefix for s in scores) / n,
+        "distance": sum(s.distance for s in scores) / n,
+    }
+
+
 def summarize(verifications: Iterable[Verification]) -> dict:
     """Aggregate scores: overall, per stage position (1st, 2nd, ...) and per operation.
 
@@ -781,23 +797,13 @@ def summarize(verifications: Iterable[Verification]) -> dict:
             by_stage.setdefault(s.index, []).append(s)
             by_op.setdefault(s.op, []).append(s)
 
-    def agg(group: list[StageScore]) -> dict:
-        n = len(group)
-        return {
-            "count": n,
-            "accuracy": sum(s.accuracy for s in group) / n,
-            "exact": sum(s.exact for s in group) / n,
-            "prefix": sum(s.prefix for s in group) / n,
-            "distance": sum(s.distance for s in group) / n,
-        }
-
     n = len(verifications)
     return {
         "examples": n,
         "accuracy": sum(v.accuracy for v in verifications) / n if n else float("nan"),
         "exact": sum(v.exact for v in verifications) / n if n else float("nan"),
-        "by_stage": [agg(by_stage[i]) for i in sorted(by_stage)],
-        "by_op": {op: agg(g) for op, g in sorted(by_op.items())},
+        "by_stage": [mean_scores(by_stage[i]) for i in sorted(by_stage)],
+        "by_op": {op: mean_scores(g) for op, g in sorted(by_op.items())},
     }
 
 

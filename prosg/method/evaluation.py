@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prosg.data.batching import Batch, Collator, TokenizedPair
-from prosg.data.multistage import Example, StageScore, Verification
+from prosg.data.multistage import Example, StageScore, Verification, mean_scores
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.models import Delta, RWKV4LM, RWKV4State
 
@@ -64,16 +64,10 @@ def repeat_prompt(example: Example) -> str:
 
 
 def _agg(scores: Sequence[StageScore]) -> dict:
-    n = len(scores)
-    if n == 0:
-        return {"count": 0, "compliance": None, "accuracy": None, "prefix": None, "distance": None}
-    return {
-        "count": n,
-        "compliance": sum(s.exact for s in scores) / n,
-        "accuracy": sum(s.accuracy for s in scores) / n,
-        "prefix": sum(s.prefix for s in scores) / n,
-        "distance": sum(s.distance for s in scores) / n,
-    }
+    """The data module's mean scores, with ``compliance`` (the exact rate) first."""
+    means = mean_scores(scores)
+    return {"count": means["count"], "compliance": means["exact"], "accuracy": means["accuracy"],
+            "prefix": means["prefix"], "distance": means["distance"]}
 
 
 @dataclass
