@@ -62,6 +62,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    filler_loss: bool = False  # loss on ramble filler words too (see make_batch)
     seed: int = 0
     data_seed: int = 0
     data: dict = field(default_factory=dict)  # MultiStageConfig fields
@@ -100,12 +101,26 @@ def lr_at(config: TrainConfig, step: int) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def make_batch(data: MultiStageConfig, seed: int, indices: range | list[int]) -> Batch:
+def make_batch(data: MultiStageConfig, seed: int, indices: range | list[int], *, filler_loss: bool = True) -> Batch:
     """Benchmark examples ``indices`` of ``seed``, right-padded (prompt then response in
-    each row, pads after: the model runs padded rows as they are)."""
+    each row, pads after: the model runs padded rows as they are).
+
+    ``filler_loss=False``: no loss on the filler words of ``ramble`` stages (their
+    ``labels`` become ``IGNORE_INDEX``; the separator that ends the stage keeps its
+    label). They are uniform random draws, so no delta can lower their expected loss;
+    they only add gradient noise (48 of about 90 response tokens of the bundled
+    benchmark)."""
     tok = benchmark_tokenizer()
-    pairs = [encode_example(generate_example(data, seed, i), tok) for i in indices]
-    return collate(pairs, tok.pad_id, prompt_padding="right")
+    examples = [generate_example(data, seed, i) for i in indices]
+    batch = collate([encode_example(e, tok) for e in examples], tok.pad_id, prompt_padding="right")
+    if not filler_loss:
+        for b, example in enumerate(examples):
+            for k, stage in enumerate(example.stages):
+                if stage.op == "ramble":
+                    # the stage's columns: [its tag (tagged, first stage)], its words, the separator
+                    cols = (batch.stage_ids[b] == k).nonzero().flatten()
+                    batch.labels[b, cols[-1 - stage.length : -1]] = IGNORE_INDEX
+    return batch
 
 
 def batch_indices(config: TrainConfig, step: int, rank: int, world: int) -> range:
@@ -145,8 +160,12 @@ def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
     B, R = batch.response_ids.shape
     last = batch.prompt_ids.gather(1, (batch.prompt_lengths - 1).clamp(min=0).unsqueeze(1))
     ids = torch.cat([last, batch.response_ids], 1)
-    labels = torch.cat([torch.full_like(last, IGNORE_INDEX),
-                        batch.response_ids.masked_fill(~batch.response_mask, IGNORE_INDEX)], 1)
+    # The response's labels as batch.labels has them (so positions masked there, e.g.
+    # filler words, stay without loss), re-laid out like response_ids.
+    cols = (batch.response_start.unsqueeze(1) + torch.arange(R, device=ids.device)).clamp(
+        max=batch.labels.shape[1] - 1)
+    response_labels = batch.labels.gather(1, cols).masked_fill(~batch.response_mask, IGNORE_INDEX)
+    labels = torch.cat([torch.full_like(last, IGNORE_INDEX), response_labels], 1)
     return ids, labels
 
 
@@ -368,7 +387,8 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="prosg train", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start, config.steps):
-        batch = make_batch(data, config.data_seed, batch_indices(config, step, rank, world)).to(device)
+        batch = make_batch(data, config.data_seed, batch_indices(config, step, rank, world),
+                           filler_loss=config.filler_loss).to(device)
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
