@@ -33,6 +33,8 @@ def _randomize_heads(gen: SyntheticGradientGenerator, seed: int = 1) -> None:
         for head in gen.heads.values():
             for lin in (head.delta, head.pool):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=torch.float64) * 0.3)
+            if head.copy_gain is not None:
+                head.copy_gain.fill_(0.5)
 
 
 def _ids(B, P, vocab=41, seed=0):
@@ -97,12 +99,22 @@ def test_hooks_read_the_models_states():
     assert true_input(model, feats, "blocks.1.attention.output") is None
 
 
-@pytest.mark.parametrize("input_mode", ["true", "learned"])
-def test_gradients_reach_generator_through_fused_kernels(input_mode):
+#: Generator variants: per-layer features with true or learned inputs, and the shared
+#: trunk over every layer with a bidirectional encoder.
+VARIANTS = {
+    "default": {},  # every layer's features, shared V, copy term
+    "layer-true": {"features": "layer", "input_mode": "true", "copy_tokens": False},
+    "layer-learned": {"features": "layer", "input_mode": "learned", "copy_tokens": False},
+    "all-encoder": {"features": "all", "depth": 2, "encoder_layers": 1, "heads": 2, "input_mode": "true"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_reach_generator_through_fused_kernels(variant):
     """The generator's gradients through the model's fused low-rank kernels equal those
     of a dense float64 reference (per-sample merged weights W + s U V^T)."""
     model = _frozen(torch.float64)
-    cfg = GeneratorConfig(targets=ALL, rank=2, hidden_size=8, scale=0.7, input_mode=input_mode)
+    cfg = GeneratorConfig(targets=ALL, rank=2, hidden_size=8, scale=0.7, **VARIANTS[variant])
     gen = SyntheticGradientGenerator(model, cfg).double()
     _randomize_heads(gen)
     ids = _ids(2, 6)
@@ -133,9 +145,10 @@ def test_gradients_reach_generator_through_fused_kernels(input_mode):
     assert nonzero >= 2 * len(gen.targets)
 
 
-def test_padding_does_not_change_the_delta():
+@pytest.mark.parametrize("variant", ["default", "layer-true", "all-encoder"])
+def test_padding_does_not_change_the_delta(variant):
     model = _frozen()
-    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8))
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8, **VARIANTS[variant]))
     _randomize_heads(gen)
     short = _ids(1, 4, seed=2)
     alone = gen(model, short)
@@ -192,6 +205,14 @@ def test_bad_inputs():
         GeneratorConfig(targets=())
     with pytest.raises(ValueError, match="input_mode"):
         GeneratorConfig(input_mode="guess")
+    with pytest.raises(ValueError, match="features must be 'layer' or 'all', got 'some'"):
+        GeneratorConfig(features="some")
+    with pytest.raises(ValueError, match="encoder_layers=1 needs features='all'"):
+        GeneratorConfig(features="layer", encoder_layers=1)
+    with pytest.raises(ValueError, match=r"hidden_size \(10\) must be divisible by heads \(4\)"):
+        GeneratorConfig(features="all", encoder_layers=1, hidden_size=10, heads=4)
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        GeneratorConfig(depth=0)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
     with pytest.raises(ValueError, match="at least one sample and one token"):
         gen(model, torch.zeros(2, 0, dtype=torch.long))

@@ -187,6 +187,28 @@ def test_response_loss_applies_the_delta_from_the_last_prompt_token():
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("tagged", [False, True])
+def test_filler_words_leave_the_loss(tagged):
+    """``filler_loss=False`` drops exactly the ramble stages' filler words from the loss
+    (not their separators, not the first tag)."""
+    from prosg.data import generate_examples
+    from prosg.data.vocab import benchmark_tokenizer
+    from prosg.method.train import continuation
+
+    data = MultiStageConfig(**{**DATA, "tag_stages": tagged, "ops": ("repeat", "ramble"), "min_stages": 3})
+    examples = generate_examples(data, 6, seed=4)
+    rambles = sum(s.length for e in examples for s in e.stages if s.op == "ramble")
+    assert rambles > 0
+    full = make_batch(data, 4, range(6))
+    kept = make_batch(data, 4, range(6), filler_loss=False)
+    _, labels_full = continuation(full)
+    _, labels_kept = continuation(kept)
+    dropped = (labels_full != -100) & (labels_kept == -100)
+    assert int(dropped.sum()) == rambles and not bool(((labels_full == -100) & (labels_kept != -100)).any())
+    filler = set(benchmark_tokenizer().encode("the cat dog sat ran on mat big red and then saw hill sun sky old"))
+    assert set(labels_full[dropped].tolist()) <= filler
+
+
 def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
     from prosg.__main__ import main
 
@@ -200,16 +222,31 @@ def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
         assert (tmp_path / "demo" / name).is_file(), name
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert set(report["methods"]) == {"baseline", "repeat_prompt", "prosg"}
+    assert report["test_seeds"] == [1, 2, 3]
     for m in report["methods"].values():
-        assert m["overall"]["examples"] == 4 and m["by_stage"] and "compliance" in m["by_stage"][0]
+        # n examples per seed, pooled; each seed's own summary; mean and spread over seeds
+        assert m["overall"]["examples"] == 12 and m["by_stage"] and "compliance" in m["by_stage"][0]
+        assert sorted(m["seeds"]) == ["1", "2", "3"]
+        assert all(s["overall"]["examples"] == 4 for s in m["seeds"].values())
+        per_seed = [s["overall"]["compliance"] for s in m["seeds"].values()]
+        assert m["spread"]["overall"]["mean"] == pytest.approx(sum(per_seed) / 3)
+        assert m["spread"]["overall"]["seeds"] == 3 and m["spread"]["overall"]["std"] is not None
+    assert "mean ± standard deviation over the 3 seeds" in (tmp_path / "demo" / "report.md").read_text()
     gen = tmp_path / "demo" / "generator" / GENERATOR
     assert main(["eval", "--base", str(base), "--generator", str(gen), "--out", str(tmp_path / "eval"),
-                 "--n", "3", "--methods", "baseline,prosg", "--no-progress", "--threads", "0"]) == 0
+                 "--n", "3", "--seeds", "5", "--methods", "baseline,prosg", "--no-progress", "--threads", "0"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["methods"]) == {"baseline", "prosg"}
+    assert report["test_seeds"] == [5] and report["methods"]["prosg"]["spread"]["overall"]["std"] is None
     assert report["benchmark"]["stage_length"] == 3  # the generator's training task
     with pytest.raises(SystemExit, match="needs --generator"):
         main(["eval", "--base", str(base), "--out", str(tmp_path / "e2"), "--n", "2", "--threads", "0"])
+    for bad in ("1,x", "2,2", ""):
+        with pytest.raises(SystemExit, match="seeds must be"):
+            main(["eval", "--base", str(base), "--out", str(tmp_path / "e3"), "--n", "2", "--seeds", bad,
+                  "--methods", "baseline", "--threads", "0"])
+    with pytest.raises(SystemExit, match="must not include 0, the training seed"):
+        main(["demo", "--base", str(base), "--out", str(tmp_path / "d2"), "--test-seeds", "0,1"] + small)
 
 
 def test_cli_train_defaults_to_the_bundled_base_and_its_task(tmp_path):

@@ -55,19 +55,58 @@ def _data_fields(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _add_generator_args(p: argparse.ArgumentParser) -> None:
+    from prosg.method.generator import GeneratorConfig
+
+    d = GeneratorConfig()
+    g = p.add_argument_group("generator (docs/method.md)")
+    g.add_argument("--targets", default=",".join(d.targets),
+                   help="comma-separated module names or patterns (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=d.rank, help="rank r of every delta (default: %(default)s)")
+    g.add_argument("--scale", type=float, default=d.scale)
+    g.add_argument("--hidden-size", type=int, default=d.hidden_size, help="generator width (default: %(default)s)")
+    g.add_argument("--input-mode", choices=("shared", "true", "learned"), default=d.input_mode,
+                   help="where V comes from (default: %(default)s)")
+    g.add_argument("--features", choices=("all", "layer"), default=d.features,
+                   help="what the heads read (default: %(default)s)")
+    g.add_argument("--depth", type=int, default=d.depth, help="trunk layers (default: %(default)s)")
+    g.add_argument("--encoder-layers", type=int, default=d.encoder_layers,
+                   help="bidirectional encoder layers over the prompt (default: %(default)s)")
+    g.add_argument("--copy-tokens", action=argparse.BooleanOptionalAction, default=d.copy_tokens,
+                   help="the head-row term of residual-stream targets (default: %(default)s)")
+    g.add_argument("--filler-loss", action="store_true",
+                   help="also take the loss on ramble filler words (default: off, they are noise)")
+
+
+def _generator_fields(args: argparse.Namespace) -> dict:
+    return {"targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "rank": args.rank,
+            "scale": args.scale, "hidden_size": args.hidden_size, "input_mode": args.input_mode,
+            "features": args.features, "depth": args.depth, "encoder_layers": args.encoder_layers,
+            "copy_tokens": args.copy_tokens}
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"prosg: seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"prosg: seeds must be one or more distinct integers, got {text!r}")
+    return seeds
+
+
 def _train(args: argparse.Namespace) -> int:
     _set_threads(args)
     from prosg.method.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    generator = {"targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "rank": args.rank,
-                 "scale": args.scale, "hidden_size": args.hidden_size, "input_mode": args.input_mode}
+    generator = _generator_fields(args)
     model, benchmark = _load_base(args.base)
     # The base model's own benchmark is the default task; flags override its fields.
     data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed,
-                         data_seed=args.data_seed, data=data, generator=generator)
+                         data_seed=args.data_seed, data=data, generator=generator, filler_loss=args.filler_loss)
     device = args.device or None
     result = train(model, config, args.out, resume=args.resume, device=device, save_every=args.save_every,
                    log_every=args.log_every, progress=not args.no_progress)
@@ -80,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     _set_threads(args)
-    from prosg.method.demo import held_out, run_methods, write_report
+    from prosg.method.demo import run_seeds, write_report
     from prosg.method.train import load_generator, read_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -98,11 +137,12 @@ def _eval(args: argparse.Namespace) -> int:
     from prosg.data import MultiStageConfig
 
     bench = MultiStageConfig.from_dict({**data, **_data_fields(args)})
-    examples = held_out(bench, args.n, args.seed)
-    results = run_methods(model, examples, generator, methods, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+    seeds = _seeds(args.seeds)
+    results, per_seed = run_seeds(model, bench, seeds, args.n, generator, methods, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
     write_report(args.out, results, {"base_model": args.base or "bundled", "generator": args.generator,
-                                     "examples": args.n, "test_seed": args.seed, "benchmark": bench.to_dict()})
+                                     "examples": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
+                 per_seed)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -111,7 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
     _set_threads(args)
     import time
 
-    from prosg.method.demo import held_out, run_methods, write_report
+    from prosg.method.demo import run_seeds, write_report
     from prosg.method.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -124,29 +164,31 @@ def _demo(args: argparse.Namespace) -> int:
                                             **_data_fields(args)})
     steps = args.steps if args.steps is not None else (300 if args.quick else 2000)
     n = args.n if args.n is not None else (64 if args.quick else 200)
+    seeds = _seeds(args.test_seeds)
+    if 0 in seeds:
+        raise SystemExit("prosg demo: --test-seeds must not include 0, the training seed")
     config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
-                         seed=args.seed, data_seed=0, data=benchmark.to_dict(),
-                         generator={"rank": args.rank, "hidden_size": args.hidden_size, "targets": args.targets})
+                         seed=args.seed, data_seed=0, data=benchmark.to_dict(), generator=_generator_fields(args),
+                         filler_loss=args.filler_loss)
     out = Path(args.out)
     result = train(model, config, out / "generator", resume=args.resume, device=args.device,
                    save_every=max(steps // 4, 1), log_every=max(steps // 20, 1), progress=not args.no_progress)
     train_s = time.perf_counter() - t0
-    examples = held_out(benchmark, n, args.test_seed)
-    results = run_methods(model, examples, result["generator"], batch_size=32, progress=not args.no_progress)
+    results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], batch_size=32,
+                                  progress=not args.no_progress)
     hist = result["history"]
     info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
-            "examples": n, "test_seed": args.test_seed, "benchmark": benchmark.to_dict(),
+            "examples": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
             "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
                       "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
             "seconds": round(time.perf_counter() - t0, 1)}
-    write_report(out, results, info)
+    write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Adds the method's subcommands to ``prosg``'s parser."""
-    from prosg.method.generator import DEFAULT_TARGETS
 
     p = sub.add_parser("train", help="train the synthetic-gradient generator on a frozen base model",
                        description="Trains the ProSG generator (docs/method.md) with the LM loss on benchmark "
@@ -164,12 +206,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="generator initialisation")
     p.add_argument("--data-seed", type=int, default=0, help="benchmark seed of the training examples")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help="comma-separated module names or patterns (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--hidden-size", type=int, default=64, help="generator width")
-    p.add_argument("--input-mode", choices=("true", "learned"), default="true")
+    _add_generator_args(p)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -185,7 +222,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="report directory")
     e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
     e.add_argument("--n", type=int, default=200, help="held-out examples")
-    e.add_argument("--seed", type=int, default=1, help="benchmark seed of the held-out examples")
+    e.add_argument("--seeds", default="1,2,3",
+                   help="benchmark seeds of the held-out examples, n each; the report gives the mean and spread "
+                        "over them (default: %(default)s; prosg train uses seed 0)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", action="store_true")
@@ -204,11 +243,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=None, help="held-out examples (default 200; --quick 64)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=1e-2)
-    d.add_argument("--rank", type=int, default=4)
-    d.add_argument("--hidden-size", type=int, default=64)
-    d.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--test-seed", type=int, default=1)
+    _add_generator_args(d)
+    d.add_argument("--seed", type=int, default=0, help="generator initialisation")
+    d.add_argument("--test-seeds", default="1,2,3",
+                   help="benchmark seeds of the held-out prompts, n each (default: %(default)s; training uses seed 0)")
     d.add_argument("--device", default=None)
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
     d.add_argument("--no-progress", action="store_true")

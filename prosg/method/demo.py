@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prosg.data import Example, MultiStageConfig, generate_examples
-from prosg.method.evaluation import EvalResult, evaluate, format_result, repeat_prompt
+from prosg.method.evaluation import EvalResult, aggregate, evaluate, format_result, repeat_prompt
 from prosg.method.generator import SyntheticGradientGenerator
 from prosg.models import RWKV4LM
 
@@ -67,16 +67,65 @@ def run_methods(model: RWKV4LM, examples: list[Example], generator: SyntheticGra
     return results
 
 
+def run_seeds(model: RWKV4LM, benchmark: MultiStageConfig, seeds: list[int], n: int,
+              generator: SyntheticGradientGenerator | None, methods: tuple[str, ...] = METHODS, *,
+              batch_size: int = 32, progress: bool = False
+              ) -> tuple[dict[str, EvalResult], dict[int, dict[str, EvalResult]]]:
+    """Each method on ``n`` held-out examples of every benchmark seed in ``seeds`` (the
+    same prompts for every method): the results pooled over the seeds, and per seed."""
+    if not seeds:
+        raise ValueError("run_seeds: at least one seed is needed")
+    per_seed = {seed: run_methods(model, held_out(benchmark, n, seed), generator, methods,
+                                  batch_size=batch_size, progress=progress) for seed in seeds}
+    pooled = {m: aggregate([r for seed in seeds for r in per_seed[seed][m].records]) for m in methods}
+    return pooled, per_seed
+
+
+def spread(per_seed: dict[int, dict[str, EvalResult]], method: str) -> dict:
+    """Mean and sample standard deviation over seeds of the stage compliance: overall,
+    last stage and each stage position (``std`` is None for one seed)."""
+
+    def stats(values: list) -> dict:
+        values = [v for v in values if v is not None]
+        if not values:
+            return {"mean": None, "std": None, "seeds": 0}
+        mean = sum(values) / len(values)
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None)
+        return {"mean": mean, "std": std, "seeds": len(values)}
+
+    results = [r[method] for r in per_seed.values()]
+    stages = max(len(r.by_stage) for r in results)
+    return {"overall": stats([r.overall["compliance"] for r in results]),
+            "last_stage": stats([r.last_stage["compliance"] for r in results]),
+            "by_stage": [stats([r.by_stage[k]["compliance"] if k < len(r.by_stage) else None for r in results])
+                         for k in range(stages)]}
+
+
 def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) -> dict:
+def _pm(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "-"
+    return _pct(stats["mean"]) + ("" if stats["std"] is None else f" ± {100 * stats['std']:.1f}")
+
+
+def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
+                 per_seed: dict[int, dict[str, EvalResult]] | None = None) -> dict:
     """Writes ``report.json`` (``methods.<name>.{overall,by_stage,last_stage,by_distance,
-    by_op}`` plus ``info``), ``report.md`` and ``forgetting.png``; returns the JSON."""
+    by_op}`` plus ``info``; with ``per_seed``, also ``methods.<name>.seeds`` (each seed's
+    summary) and ``methods.<name>.spread`` (mean and std over seeds)), ``report.md`` and
+    ``forgetting.png``; returns the JSON."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {**info, "methods": {name: r.summary() for name, r in results.items()}}
+    if per_seed:
+        for name in results:
+            report["methods"][name]["seeds"] = {str(seed): {k: v for k, v in r[name].summary().items()
+                                                            if k in ("overall", "by_stage", "last_stage")}
+                                                for seed, r in per_seed.items()}
+            report["methods"][name]["spread"] = spread(per_seed, name)
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     tmp.replace(out / "report.json")
@@ -84,7 +133,7 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) ->
     names = list(results)
     stages = max((len(r.by_stage) for r in results.values()), default=0)
     lines = ["# ProSG: prompt forgetting on held-out benchmark prompts", ""]
-    for key in ("base_model", "generator", "examples", "test_seed"):
+    for key in ("base_model", "generator", "examples", "test_seeds"):
         if key in info:
             lines.append(f"- {key}: `{json.dumps(info[key])}`")
     train = info.get("train")
@@ -93,7 +142,8 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) ->
         lines.append(f"- training: {train['steps']} steps in {train.get('seconds', '?')} s, generator {gen_cfg}; "
                      f"last batch loss {train['last']['loss']:.4f} vs {train['last']['base_loss']:.4f} "
                      "without the delta (full record in report.json)")
-    lines += ["", "Stage compliance (exact span) by stage position; `last` = each example's final stage.", "",
+    lines += ["", "Stage compliance (exact span) by stage position, all held-out examples together; "
+              "`last` = each example's final stage.", "",
               "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " | last | exact responses |",
               "|---" * (stages + 4) + "|"]
     for name in names:
@@ -101,6 +151,15 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict) ->
         cells = [_pct(g["compliance"]) for g in r.by_stage] + ["-"] * (stages - len(r.by_stage))
         lines.append(f"| {name} | {_pct(r.overall['compliance'])} | " + " | ".join(cells)
                      + f" | {_pct(r.last_stage['compliance'])} | {_pct(r.overall['exact_response'])} |")
+    if per_seed and len(per_seed) > 1:
+        lines += ["", f"Stage compliance, mean ± standard deviation over the {len(per_seed)} seeds "
+                      f"{sorted(per_seed)}:", "",
+                  "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " | last |",
+                  "|---" * (stages + 3) + "|"]
+        for name in names:
+            sp = report["methods"][name]["spread"]
+            cells = [_pm(st) for st in sp["by_stage"]] + ["-"] * (stages - len(sp["by_stage"]))
+            lines.append(f"| {name} | {_pm(sp['overall'])} | " + " | ".join(cells) + f" | {_pm(sp['last_stage'])} |")
     lines += ["", "Token accuracy by stage position:", "",
               "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " |",
               "|---" * (stages + 2) + "|"]

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from prosg.models import Delta, RWKV4LM
 from prosg.models.state import parse_delta_name
 
-#: Default targets: the time-mix key and value (the delta then acts inside the WKV
-#: recurrence, i.e. on what the state stores) and the channel-mix key.
-DEFAULT_TARGETS = ("blocks.*.attention.key", "blocks.*.attention.value", "blocks.*.feed_forward.key")
+#: Default targets: all seven projection matrices of every layer (docs/results.md
+#: compares subsets).
+DEFAULT_TARGETS = ("blocks.*.attention.*", "blocks.*.feed_forward.*")
 
 #: Targets whose true input the generator rebuilds from the hooked LayerNorm outputs:
 #: the token-shift mix of ``ln1`` (time-mix) or ``ln2`` (channel-mix) output, and for
@@ -56,14 +56,46 @@ class GeneratorConfig:
         hidden_size: width of the per-target trunk ``z_t``.
         input_mode: ``"true"``: ``x_hat_t`` is the matrix's true input where the hooks
             give it (all but ``attention.output``), a learned map elsewhere;
-            ``"learned"``: a learned map of the hidden state everywhere.
+            ``"learned"``: a learned map of the hidden state everywhere;
+            ``"shared"``: ``V`` is a learned parameter of the target, the same for
+            every prompt (a learned input subspace), and only ``U`` depends on the
+            prompt.
+        features: what a target's head reads at each prompt token: ``"layer"``: the
+            LayerNorm output of the target's own layer (``ln1`` for time-mix, ``ln2``
+            for channel-mix targets); ``"all"``: every layer's ``ln1`` and ``ln2``
+            outputs, concatenated with a sinusoidal code of each token's distance from
+            the prompt's end (the causal states cannot tell how far from the end a
+            token is, e.g. whether it belongs to the last instruction), and passed
+            through a shared trunk (``depth`` GELU layers of width ``hidden_size``)
+            that all heads read.
+        depth: number of GELU layers of the shared trunk (``features="all"`` only).
+        encoder_layers: bidirectional self-attention layers (``nn.TransformerEncoder``,
+            ``heads`` heads, pads masked) over the trunk's per-token codes
+            (``features="all"`` only). The prompt states are causal: the state at token
+            ``t`` knows nothing of the tokens after it, while a true gradient's
+            ``delta_t`` depends on what follows ``t`` (at least on token ``t+1``, the
+            target of position ``t``). With an encoder, ``delta_hat_t`` sees the whole
+            prompt.
+        heads: attention heads of the encoder.
+        copy_tokens: for targets that write into the residual stream
+            (``attention.output``, ``feed_forward.value``), add ``g * head[id_t]`` to
+            ``delta_hat_t`` (``head[id_t]``: the output embedding of prompt token
+            ``t``, ``g`` a learned per-target scalar starting at 0). A true LM-loss
+            gradient at the residual stream has this form (``head^T (p - onehot)``
+            through the final LayerNorm), and it gives the delta a direct way to make
+            the model emit a token of the prompt.
     """
 
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rank: int = 4
     scale: float = 1.0
     hidden_size: int = 64
-    input_mode: str = "true"
+    input_mode: str = "shared"
+    features: str = "all"
+    depth: int = 1
+    encoder_layers: int = 0
+    heads: int = 4
+    copy_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -77,8 +109,21 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.hidden_size must be an int >= 1, got {self.hidden_size!r}")
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
             raise ValueError(f"GeneratorConfig.scale must be a finite float, got {self.scale!r}")
-        if self.input_mode not in ("true", "learned"):
-            raise ValueError(f"GeneratorConfig.input_mode must be 'true' or 'learned', got {self.input_mode!r}")
+        if self.input_mode not in ("true", "learned", "shared"):
+            raise ValueError(f"GeneratorConfig.input_mode must be 'true', 'learned' or 'shared', "
+                             f"got {self.input_mode!r}")
+        if self.features not in ("layer", "all"):
+            raise ValueError(f"GeneratorConfig.features must be 'layer' or 'all', got {self.features!r}")
+        for name, lo in (("depth", 1), ("encoder_layers", 0), ("heads", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"GeneratorConfig.{name} must be an int >= {lo}, got {v!r}")
+        if self.encoder_layers and self.features != "all":
+            raise ValueError(f"GeneratorConfig.encoder_layers={self.encoder_layers} needs features='all' "
+                             f"(the encoder runs on the shared trunk), got features={self.features!r}")
+        if self.encoder_layers and self.hidden_size % self.heads:
+            raise ValueError(f"GeneratorConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"heads ({self.heads})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -121,13 +166,15 @@ class PromptFeatures:
     ``ln1[l]``/``ln2[l]``: ``[B, P, H]`` the time-mix / channel-mix LayerNorm outputs of
     layer ``l`` at every prompt position; ``summary``: ``[B, H]`` the final LayerNorm
     output at each prompt's last real token (what the whole prompt left in the state);
-    ``mask``: ``[B, P]`` bool, the real tokens.
+    ``mask``: ``[B, P]`` bool, the real tokens; ``ids``: ``[B, P]`` the (right-packed)
+    prompt token ids.
     """
 
     ln1: list[Tensor]
     ln2: list[Tensor]
     summary: Tensor
     mask: Tensor
+    ids: Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -189,7 +236,8 @@ def prompt_features(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | No
     final = as3(out[-1])
     last = (mask.sum(1) - 1).view(-1, 1, 1).expand(-1, 1, final.shape[-1])
     summary = final.gather(1, last).squeeze(1)
-    feats = PromptFeatures([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], summary, mask)
+    feats = PromptFeatures([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], summary, mask,
+                           prompt_ids)
     assert all(t.shape[1] == P for t in feats.ln1 + feats.ln2)
     return feats
 
@@ -218,16 +266,39 @@ def true_input(model: RWKV4LM, feats: PromptFeatures, name: str) -> Tensor | Non
     return torch.lerp(shifted, a, mix.view(-1))
 
 
+#: Width of the sinusoidal code of a token's distance from the prompt's end.
+_POSITION_FEATURES = 16
+
+
+def _distance_from_end(mask: Tensor) -> Tensor:
+    """``[B, P, 16]`` sin/cos of each token's distance ``d`` from its row's last real
+    token (``d = 0`` there) at wavelengths from 3 to 1000 tokens, geometrically spaced,
+    for right-packed ``mask``; no length limit (pads get negative ``d``; pooling never
+    reads them)."""
+    lengths = mask.sum(1, keepdim=True)
+    d = (lengths - 1 - torch.arange(mask.shape[1], device=mask.device)).to(torch.float64)  # [B, P]
+    wavelengths = torch.logspace(math.log10(3), 3, _POSITION_FEATURES // 2, dtype=torch.float64, device=mask.device)
+    freqs = 2 * torch.pi / wavelengths
+    angles = d.unsqueeze(-1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 class _TargetHead(nn.Module):
     """The per-target part of the generator (one per modified matrix)."""
 
-    def __init__(self, hidden: int, width: int, d_out: int, d_in: int, rank: int, learned_input: bool):
+    def __init__(self, hidden: int, width: int, d_out: int, d_in: int, rank: int, input_kind: str,
+                 copy_tokens: bool = False):
         super().__init__()
+        # g of delta_hat_t += g * head[id_t] (GeneratorConfig.copy_tokens); 0 at the start
+        self.copy_gain = nn.Parameter(torch.zeros(())) if copy_tokens else None
         self.token = nn.Linear(hidden, width)
         self.context = nn.Linear(hidden, width, bias=False)
         self.pool = nn.Linear(width, rank)
         self.delta = nn.Linear(width, d_out, bias=False)
-        self.input = nn.Linear(width, d_in, bias=False) if learned_input else None
+        self.input = nn.Linear(width, d_in, bias=False) if input_kind == "learned" else None
+        # "shared": V is one learned [Din, r] basis for every prompt (unit-norm columns
+        # at the start, as the pooled V of the other modes is ~ x / sqrt(Din)).
+        self.shared_input = nn.Parameter(torch.randn(d_in, rank)) if input_kind == "shared" else None
         # Zero delta head: U = 0, so the initial delta is exactly zero and training
         # starts from the base model (as LoRA's zero B). The pooling weights stay
         # random: with equal pools all r components would be equal and get equal
@@ -235,14 +306,20 @@ class _TargetHead(nn.Module):
         nn.init.zeros_(self.delta.weight)
         nn.init.zeros_(self.pool.bias)
 
-    def forward(self, h: Tensor, summary: Tensor, mask: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, summary: Tensor, mask: Tensor, x: Tensor | None,
+                copy_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # z_t = GELU(A h_t + C s + b): the token's state and the whole prompt's summary
         z = F.gelu(self.token(h) + self.context(summary).unsqueeze(1))  # [B, P, width]
         logits = self.pool(z).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # [B, P, r]
         alpha = torch.softmax(logits, dim=1)
         d_hat = self.delta(z)  # [B, P, Dout]
-        x_hat = self.input(z) if x is None else x  # [B, P, Din]
+        if self.copy_gain is not None:
+            d_hat = d_hat + self.copy_gain * copy_rows
         U = torch.einsum("bpr,bpo->bor", alpha, d_hat)
+        if self.shared_input is not None:
+            V = (self.shared_input / math.sqrt(self.shared_input.shape[0])).expand(U.shape[0], -1, -1)
+            return U, V
+        x_hat = self.input(z) if x is None else x  # [B, P, Din]
         V = torch.einsum("bpr,bpi->bir", alpha, x_hat) / math.sqrt(x_hat.shape[-1])
         return U, V
 
@@ -267,13 +344,37 @@ class SyntheticGradientGenerator(nn.Module):
         self.shapes = {n: shapes[n] for n in self.targets}
         self.hidden_size = model.config.hidden_size
         self.num_layers = model.config.num_hidden_layers
+        self.trunk = None
+        head_input = self.hidden_size
+        if config.features == "all":
+            # Every layer's per-token states (2L LayerNorm outputs) -> one shared code per
+            # token: the token's identity (layer 0) and its context (later layers) together.
+            layers: list[nn.Module] = []
+            width_in = 2 * self.num_layers * self.hidden_size + _POSITION_FEATURES
+            for _ in range(config.depth):
+                layers += [nn.Linear(width_in, config.hidden_size), nn.GELU()]
+                width_in = config.hidden_size
+            self.trunk = nn.Sequential(*layers)
+            self.encoder = None
+            if config.encoder_layers:
+                layer = nn.TransformerEncoderLayer(config.hidden_size, config.heads, 2 * config.hidden_size,
+                                                   dropout=0.0, activation="gelu", batch_first=True,
+                                                   norm_first=True)
+                # No nested-tensor fast path: train and eval must compute the same function.
+                self.encoder = nn.TransformerEncoder(layer, config.encoder_layers, enable_nested_tensor=False)
+            self.summary_proj = nn.Linear(self.hidden_size, config.hidden_size, bias=False)
+            head_input = config.hidden_size
         self.heads = nn.ModuleDict()
         for name in self.targets:
             layer, part, kind = parse_delta_name(name)
             d_out, d_in = shapes[name]
-            learned = config.input_mode == "learned" or (part, kind) not in _TRUE_INPUT
-            self.heads[self._key(name)] = _TargetHead(self.hidden_size, config.hidden_size, d_out, d_in,
-                                                      config.rank, learned)
+            kind_of_input = config.input_mode
+            if kind_of_input == "true" and (part, kind) not in _TRUE_INPUT:
+                kind_of_input = "learned"
+            writes_residual = (part, kind) in (("attention", "output"), ("feed_forward", "value"))
+            self.heads[self._key(name)] = _TargetHead(head_input, config.hidden_size, d_out, d_in,
+                                                      config.rank, kind_of_input,
+                                                      config.copy_tokens and writes_residual)
 
     @staticmethod
     def _key(name: str) -> str:
@@ -298,20 +399,30 @@ class SyntheticGradientGenerator(nn.Module):
         the prompt once for several generators or steps)."""
         dtype = self.heads[self._key(self.targets[0])].token.weight.dtype
         summary = feats.summary.to(dtype)
+        shared = None
+        if self.trunk is not None:
+            position = _distance_from_end(feats.mask).to(dtype)
+            shared = self.trunk(torch.cat([t.to(dtype) for t in feats.ln1 + feats.ln2] + [position], dim=-1))
+            if self.encoder is not None:
+                shared = self.encoder(shared, src_key_padding_mask=~feats.mask)
+            summary = self.summary_proj(summary)
         factors = {}
         for name in self.targets:
             layer, part, kind = parse_delta_name(name)
             head = self.heads[self._key(name)]
-            h = (feats.ln1 if part == "attention" else feats.ln2)[layer].to(dtype)
+            h = shared if shared is not None else (feats.ln1 if part == "attention" else feats.ln2)[layer].to(dtype)
             x = None
-            if head.input is None:
+            if head.input is None and head.shared_input is None:
                 x = feats.extra.get(name)
                 if x is None:
                     x = feats.extra[name] = true_input(model, feats, name)
                 x = x.to(dtype)
             # Pads: their h/x are finite (the model ran over them) and alpha is exactly
             # zero there, so they contribute nothing.
-            factors[name] = head(h, summary, feats.mask, x)
+            copy_rows = None
+            if head.copy_gain is not None:
+                copy_rows = F.embedding(feats.ids, model.head.weight).to(dtype)  # [B, P, H]
+            factors[name] = head(h, summary, feats.mask, x, copy_rows)
         return Delta(factors, float(self.config.scale))
 
     def num_parameters(self) -> int:

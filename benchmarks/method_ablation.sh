@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The ablation of docs/results.md: ProSG generators on the bundled base model that differ
+# from the default in one setting each, trained on benchmark seed 0 (`prosg train`) and
+# evaluated on 200 held-out prompts of each of the seeds 1, 2, 3 (`prosg eval`).
+#
+#   bash benchmarks/method_ablation.sh [OUT] [STEPS] [JOBS]     # defaults: runs/ablation 2000 2
+#
+# Every run is one CPU thread; JOBS runs go side by side. Prints the markdown table of
+# docs/results.md at the end (also in OUT/table.md). Set ONLY="default rank1" to run a subset.
+set -euo pipefail
+OUT=${1:-runs/ablation}
+STEPS=${2:-2000}
+JOBS=${3:-2}
+mkdir -p "$OUT"
+
+declare -A FLAGS=(
+  [default]=""
+  [rank1]="--rank 1"
+  [rank16]="--rank 16"
+  [residual_writers]="--targets blocks.*.attention.output,blocks.*.feed_forward.value"
+  [last_layer]="--targets blocks.2.*"
+  [kv_ffnkey]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key"
+  [no_copy]="--no-copy-tokens"
+  [true_input]="--input-mode true"
+  [layer_features]="--features layer"
+  [filler_loss]="--filler-loss"
+  [previous]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key --features layer --input-mode true --no-copy-tokens --filler-loss"
+)
+ORDER=(default rank1 rank16 residual_writers last_layer kv_ffnkey no_copy true_input layer_features filler_loss previous)
+RUNS=(${ONLY:-${ORDER[@]}})
+
+run_one() {
+  local name=$1 flags=$2
+  local dir="$OUT/$name"
+  if [[ -f "$dir/eval/report.json" ]]; then echo "$name: done already"; return; fi
+  local t0=$SECONDS
+  # shellcheck disable=SC2086
+  prosg train --out "$dir" --steps "$STEPS" --no-progress $flags > "$dir.train.log" 2>&1
+  prosg eval --generator "$dir/generator.safetensors" --out "$dir/eval" --methods baseline,prosg \
+    --n 200 --seeds 1,2,3 --no-progress > "$dir.eval.log" 2>&1
+  echo "$((SECONDS - t0))" > "$dir/seconds"
+  echo "$name: $((SECONDS - t0)) s"
+}
+export -f run_one
+export OUT STEPS
+for name in "${RUNS[@]}"; do printf '%s\t%s\n' "$name" "${FLAGS[$name]}"; done |
+  xargs -P "$JOBS" -d '\n' -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r n f <<< "{}"; mkdir -p "$OUT/$n"; run_one "$n" "$f"'
+
+python - "$OUT" "${RUNS[@]}" <<'PY' | tee "$OUT/table.md"
+import json, sys
+from pathlib import Path
+out, names = Path(sys.argv[1]), sys.argv[2:]
+pct = lambda s: "-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * (s['std'] or 0):.1f}"
+print("| run | settings | stage 1 | stage 2 | stage 3 | stage 4 | last stage | baseline last | last gain | stage-1 change | train loss (base) | s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for n in names:
+    rep = out / n / "eval" / "report.json"
+    if not rep.is_file():
+        print(f"| {n} | (missing) |"); continue
+    r = json.loads(rep.read_text())
+    p, b = r["methods"]["prosg"]["spread"], r["methods"]["baseline"]["spread"]
+    log = [json.loads(l) for l in (out / n / "train_log.jsonl").read_text().splitlines()]
+    last = log[-1]
+    g = json.loads((out / n / "train_config.json").read_text())
+    gen = g["generator"]
+    settings = f"r={gen['rank']}, {','.join(t.replace('blocks.', '') for t in gen['targets'])}, V={gen['input_mode']}, " \
+               f"features={gen['features']}, copy={gen['copy_tokens']}, filler_loss={g['filler_loss']}"
+    stages = " | ".join(pct(s) for s in p["by_stage"][:4])
+    gain = 100 * (p["last_stage"]["mean"] - b["last_stage"]["mean"])
+    s1 = 100 * (p["by_stage"][0]["mean"] - b["by_stage"][0]["mean"])
+    secs = (out / n / "seconds").read_text().strip() if (out / n / "seconds").is_file() else "?"
+    print(f"| {n} | {settings} | {stages} | {pct(p['last_stage'])} | {pct(b['last_stage'])} | {gain:+.1f} | {s1:+.1f} | "
+          f"{last['loss']:.3f} ({last['base_loss']:.3f}) | {secs} |")
+PY
