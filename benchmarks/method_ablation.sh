@@ -23,10 +23,10 @@ declare -A FLAGS=(
   [no_copy]="--no-copy-tokens"
   [true_input]="--input-mode true"
   [layer_features]="--features layer"
-  [filler_loss]="--filler-loss"
-  [previous]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key --features layer --input-mode true --no-copy-tokens --filler-loss"
+  [no_filler_loss]="--no-filler-loss"
+  [previous]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key --features layer --input-mode true --no-copy-tokens"
 )
-ORDER=(default rank1 rank16 residual_writers last_layer kv_ffnkey no_copy true_input layer_features filler_loss previous)
+ORDER=(default rank1 rank16 residual_writers last_layer kv_ffnkey no_copy true_input layer_features no_filler_loss previous)
 RUNS=(${ONLY:-${ORDER[@]}})
 
 run_one() {

@@ -249,3 +249,32 @@ def test_rank_components_are_distinct():
     for name, (U, V) in delta.factors.items():
         assert torch.linalg.matrix_rank(U[0].double()) == 3, name
         assert torch.linalg.matrix_rank(V[0].double()) == 3, name
+
+
+def test_copy_term_adds_the_head_rows_of_the_pooled_prompt_tokens():
+    """With D = 0 and uniform pooling, U's columns are g times the mean LM-head row of the
+    prompt's real tokens (attention.output and feed_forward.value only: the targets whose
+    output is the residual stream the head reads); the other targets have no copy term."""
+    model = _frozen()
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8))
+    ids = _ids(2, 6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad():
+        for name, head in zip(gen.targets, gen.heads.values()):
+            head.pool.weight.zero_()  # alpha uniform over each row's real tokens
+            if head.copy_gain is not None:
+                head.copy_gain.fill_(2.0)
+        delta = gen(model, ids, mask)
+    residual = {n for n in gen.targets if n.endswith(("attention.output", "feed_forward.value"))}
+    assert len(residual) == 6
+    for name, head in zip(gen.targets, gen.heads.values()):
+        U, _ = delta.factors[name]
+        assert (head.copy_gain is not None) == (name in residual), name
+        if name in residual:
+            for b, n in ((0, 6), (1, 4)):
+                want = 2.0 * model.head.weight[ids[b, :n]].mean(0)
+                for i in range(3):
+                    torch.testing.assert_close(U[b, :, i], want, msg=name)
+        else:
+            assert torch.count_nonzero(U) == 0, name

@@ -74,8 +74,9 @@ def _add_generator_args(p: argparse.ArgumentParser) -> None:
                    help="bidirectional encoder layers over the prompt (default: %(default)s)")
     g.add_argument("--copy-tokens", action=argparse.BooleanOptionalAction, default=d.copy_tokens,
                    help="the head-row term of residual-stream targets (default: %(default)s)")
-    g.add_argument("--filler-loss", action="store_true",
-                   help="also take the loss on ramble filler words (default: off, they are noise)")
+    g.add_argument("--filler-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the loss on ramble filler words too (default: %(default)s; without it the "
+                        "delta is free to disturb the ramble, see docs/results.md)")
 
 
 def _generator_fields(args: argparse.Namespace) -> dict:
@@ -221,7 +222,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--generator", default=None, help="a trained generator (OUT/generator.safetensors of prosg train)")
     e.add_argument("--out", required=True, help="report directory")
     e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
-    e.add_argument("--n", type=int, default=200, help="held-out examples")
+    e.add_argument("--n", type=int, default=200, help="held-out examples per seed")
     e.add_argument("--seeds", default="1,2,3",
                    help="benchmark seeds of the held-out examples, n each; the report gives the mean and spread "
                         "over them (default: %(default)s; prosg train uses seed 0)")
@@ -235,12 +236,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the whole method on the bundled base model: train, evaluate, report",
                        description="Trains the generator on the bundled base model, evaluates baseline, "
                                    "repeat_prompt and prosg on held-out prompts and writes OUT/report.json, "
-                                   "report.md and forgetting.png (a few minutes on one CPU thread; --quick: under a minute).")
+                                   "report.md and forgetting.png (about 5 minutes on one CPU thread; --quick: about a minute).")
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
-    d.add_argument("--quick", action="store_true", help="fewer steps and examples (under a minute on one thread)")
+    d.add_argument("--quick", action="store_true", help="300 steps and 3 x 64 held-out prompts (about a minute on one thread)")
     d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
     d.add_argument("--steps", type=int, default=None, help="training steps (default 2000; --quick 300)")
-    d.add_argument("--n", type=int, default=None, help="held-out examples (default 200; --quick 64)")
+    d.add_argument("--n", type=int, default=None, help="held-out examples per seed (default 200; --quick 64)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=1e-2)
     _add_generator_args(d)

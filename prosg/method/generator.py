@@ -3,17 +3,22 @@
 For a target matrix ``W [Dout, Din]`` the gradient of a loss over the prompt is
 ``sum_t delta_t x_t^T`` (``x_t`` the matrix's input at prompt token ``t``, ``delta_t``
 the loss gradient at its output). The generator reads the frozen model's per-token
-hidden states of the prompt, predicts a ``delta_hat_t`` per token, takes ``x_t`` as
-the matrix's true input (or a learned map of the hidden state where the true input is
-not available from the hooks), and pools the sum at rank ``r`` with ``r`` learned
-softmax weightings over the prompt tokens:
+hidden states of the prompt (every layer's, through a shared trunk), predicts a
+``delta_hat_t`` per token, and pools them at rank ``r`` with ``r`` learned softmax
+weightings over the prompt tokens:
 
-    alpha[:, i] = softmax_t(w_i . z_t)             (masked to the prompt's tokens)
-    U_i = sum_t alpha_ti * delta_hat_t             U [B, Dout, r]
-    V_i = sum_t alpha_ti * x_t / sqrt(Din)         V [B, Din, r]
-    Delta W = scale * U V^T
+    z_t         = per-target GELU layer over the trunk's code of token t and the summary
+    delta_hat_t = D z_t + g * head[id_t]        (g: residual-stream targets only)
+    alpha[:, i] = softmax_t(w_i . z_t)          (masked to the prompt's tokens)
+    U_i         = sum_t alpha_ti * delta_hat_t  U [B, Dout, r]
+    V           = V0 / sqrt(Din)                V [Din, r], learned, the same for every prompt
+    Delta W     = scale * U V^T
 
-The exact formulation and what is our interpretation is in ``docs/method.md``.
+``head[id_t]`` is the LM head's row of prompt token ``t``: the form a true LM-loss
+gradient has at the residual stream, and the way the delta can make the model emit a
+token of the prompt. Other inputs ``V`` (the pooled true inputs ``x_t``, or a learned
+map) and per-layer features are options. The exact formulation and what is our
+interpretation is in ``docs/method.md``; measurements in ``docs/results.md``.
 The base model stays frozen: it runs under ``no_grad`` and only the generator's
 parameters are trained; the delta is applied by the model's fused kernels
 (:class:`prosg.models.Delta`).
