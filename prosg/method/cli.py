@@ -142,7 +142,7 @@ def _eval(args: argparse.Namespace) -> int:
     results, per_seed = run_seeds(model, bench, seeds, args.n, generator, methods, batch_size=args.batch_size,
                                   progress=not args.no_progress)
     write_report(args.out, results, {"base_model": args.base or "bundled", "generator": args.generator,
-                                     "examples": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
+                                     "examples_per_seed": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
                  per_seed)
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -179,7 +179,7 @@ def _demo(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
     hist = result["history"]
     info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
-            "examples": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
+            "examples_per_seed": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
             "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
                       "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -133,7 +133,7 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
     names = list(results)
     stages = max((len(r.by_stage) for r in results.values()), default=0)
     lines = ["# ProSG: prompt forgetting on held-out benchmark prompts", ""]
-    for key in ("base_model", "generator", "examples", "test_seeds"):
+    for key in ("base_model", "generator", "examples_per_seed", "test_seeds"):
         if key in info:
             lines.append(f"- {key}: `{json.dumps(info[key])}`")
     train = info.get("train")
@@ -170,26 +170,35 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
     for name in names:
         lines += ["", f"## {name}", "", "```", format_result(results[name]), "```"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    plot_forgetting(results, out / "forgetting.png")
+    plot_forgetting(results, out / "forgetting.png", per_seed)
     return report
 
 
-def plot_forgetting(results: dict[str, EvalResult], path: str | Path) -> None:
+def plot_forgetting(results: dict[str, EvalResult], path: str | Path,
+                    per_seed: dict[int, dict[str, EvalResult]] | None = None) -> None:
     """Compliance against stage position and against distance from the prompt, one line
-    per method."""
+    per method; with several seeds, the stage plot shows each stage's per-seed mean with
+    its standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    spread_of = per_seed is not None and len(per_seed) > 1
     for name, r in results.items():
-        xs = [g["stage"] for g in r.by_stage if g["count"]]
-        a.plot(xs, [g["compliance"] for g in r.by_stage if g["count"]], marker="o", label=name)
+        if spread_of:
+            stages = [(k + 1, st) for k, st in enumerate(spread(per_seed, name)["by_stage"]) if st["mean"] is not None]
+            a.errorbar([k for k, _ in stages], [st["mean"] for _, st in stages],
+                       yerr=[st["std"] or 0.0 for _, st in stages], marker="o", capsize=3, label=name)
+        else:
+            xs = [g["stage"] for g in r.by_stage if g["count"]]
+            a.plot(xs, [g["compliance"] for g in r.by_stage if g["count"]], marker="o", label=name)
         mids = [(g["lo"] + g["hi"]) / 2 for g in r.by_distance if g["count"]]
         b.plot(mids, [g["accuracy"] for g in r.by_distance if g["count"]], marker="o", label=name)
     a.set_xticks(range(1, 1 + max((len(r.by_stage) for r in results.values()), default=1)))
-    a.set(xlabel="stage position", ylabel="stage compliance (exact)", title="Compliance by stage", ylim=(0, 1))
+    a.set(xlabel="stage position", ylabel="stage compliance (exact)", ylim=(0, 1),
+          title=f"Compliance by stage (mean ± std over {len(per_seed)} seeds)" if spread_of else "Compliance by stage")
     b.set(xlabel="distance of the stage start from the prompt (tokens)", ylabel="token accuracy",
           title="Accuracy by distance", ylim=(0, 1))
     for ax in (a, b):
