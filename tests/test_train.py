@@ -258,3 +258,25 @@ def test_cli_train_defaults_to_the_bundled_base_and_its_task(tmp_path):
                  "--hidden-size", "8", "--no-progress", "--threads", "0"]) == 0
     saved = json.loads((tmp_path / "train_config.json").read_text())
     assert saved["data"] == benchmark.to_dict()
+
+
+def test_short_training_restores_the_forgotten_last_stage_on_the_bundled_base(tmp_path, num_threads):
+    """The method's claim at small scale (docs/results.md; the full demo gives +44.8
+    points): 300 steps on the bundled base model (`prosg demo --quick`, ~45 s) bring the
+    last instruction back on held-out prompts without hurting the first one."""
+    from prosg.method.demo import run_seeds
+    from prosg.method.pretrain import load_base_model
+
+    model, bench = load_base_model()
+    cfg = TrainConfig(steps=300, batch_size=16, lr=1e-2, warmup_steps=20, data=bench.to_dict())
+    with num_threads(1):
+        result = train(model, cfg, tmp_path, progress=False, save_every=10_000, log_every=100)
+        pooled, per_seed = run_seeds(model, bench, [1, 2], 64, result["generator"], ("baseline", "prosg"))
+    base, prosg = pooled["baseline"], pooled["prosg"]
+    assert base.last_stage["compliance"] < 0.05  # the bundled base model forgets it
+    assert prosg.last_stage["compliance"] >= base.last_stage["compliance"] + 0.08, (base.last_stage, prosg.last_stage)
+    # A guard against a delta that wrecks what the model still does, not the -2 point
+    # acceptance bound of the full run: after only 300 steps stage 1 moves by up to ~7
+    # points on a single seed (64 prompts: one prompt is ~1.8 points); the full demo
+    # keeps it within 0.2 points pooled.
+    assert prosg.by_stage[0]["compliance"] >= base.by_stage[0]["compliance"] - 0.10
