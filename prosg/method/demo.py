@@ -170,25 +170,24 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
     for name in names:
         lines += ["", f"## {name}", "", "```", format_result(results[name]), "```"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    plot_forgetting(results, out / "forgetting.png", per_seed)
+    spreads = {name: report["methods"][name]["spread"] for name in names} if per_seed and len(per_seed) > 1 else None
+    plot_forgetting(results, out / "forgetting.png", spreads)
     return report
 
 
-def plot_forgetting(results: dict[str, EvalResult], path: str | Path,
-                    per_seed: dict[int, dict[str, EvalResult]] | None = None) -> None:
+def plot_forgetting(results: dict[str, EvalResult], path: str | Path, spreads: dict[str, dict] | None = None) -> None:
     """Compliance against stage position and against distance from the prompt, one line
-    per method; with several seeds, the stage plot shows each stage's per-seed mean with
-    its standard deviation as error bars."""
+    per method; with ``spreads`` (each method's :func:`spread` over several seeds), the
+    stage plot shows each stage's per-seed mean with its standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    spread_of = per_seed is not None and len(per_seed) > 1
     for name, r in results.items():
-        if spread_of:
-            stages = [(k + 1, st) for k, st in enumerate(spread(per_seed, name)["by_stage"]) if st["mean"] is not None]
+        if spreads is not None:
+            stages = [(k + 1, st) for k, st in enumerate(spreads[name]["by_stage"]) if st["mean"] is not None]
             a.errorbar([k for k, _ in stages], [st["mean"] for _, st in stages],
                        yerr=[st["std"] or 0.0 for _, st in stages], marker="o", capsize=3, label=name)
         else:
@@ -198,7 +197,7 @@ def plot_forgetting(results: dict[str, EvalResult], path: str | Path,
         b.plot(mids, [g["accuracy"] for g in r.by_distance if g["count"]], marker="o", label=name)
     a.set_xticks(range(1, 1 + max((len(r.by_stage) for r in results.values()), default=1)))
     a.set(xlabel="stage position", ylabel="stage compliance (exact)", ylim=(0, 1),
-          title=f"Compliance by stage (mean ± std over {len(per_seed)} seeds)" if spread_of else "Compliance by stage")
+          title="Compliance by stage (mean ± std over seeds)" if spreads is not None else "Compliance by stage")
     b.set(xlabel="distance of the stage start from the prompt (tokens)", ylabel="token accuracy",
           title="Accuracy by distance", ylim=(0, 1))
     for ax in (a, b):

@@ -411,6 +411,7 @@ class SyntheticGradientGenerator(nn.Module):
             if self.encoder is not None:
                 shared = self.encoder(shared, src_key_padding_mask=~feats.mask)
             summary = self.summary_proj(summary)
+        head_rows = None  # [B, P, H] LM-head rows of the prompt tokens, shared by every copy-term head
         factors = {}
         for name in self.targets:
             layer, part, kind = parse_delta_name(name)
@@ -424,10 +425,9 @@ class SyntheticGradientGenerator(nn.Module):
                 x = x.to(dtype)
             # Pads: their h/x are finite (the model ran over them) and alpha is exactly
             # zero there, so they contribute nothing.
-            copy_rows = None
-            if head.copy_gain is not None:
-                copy_rows = F.embedding(feats.ids, model.head.weight).to(dtype)  # [B, P, H]
-            factors[name] = head(h, summary, feats.mask, x, copy_rows)
+            if head.copy_gain is not None and head_rows is None:
+                head_rows = F.embedding(feats.ids, model.head.weight).to(dtype)
+            factors[name] = head(h, summary, feats.mask, x, head_rows if head.copy_gain is not None else None)
         return Delta(factors, float(self.config.scale))
 
     def num_parameters(self) -> int:
