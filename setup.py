@@ -156,17 +156,27 @@ def _extension():
             "prosg._C", sources, include_dirs=include_dirs, define_macros=macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # Build machines have nvcc but no GPU: target Hopper and keep PTX for newer cards.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # Spelled out (cpp_extension would pick the visible GPUs' itself) so that
+        # prosg.backends()['cuda_archs'] names the real architectures. Build machines
+        # have nvcc but no GPU: target Hopper and keep PTX for newer cards.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _visible_cuda_archs() or "9.0+PTX"
     macros.append(("PROSG_WITH_CUDA", "1"))
-    macros.append(("PROSG_CUDA_ARCHS", '"' + os.environ.get("TORCH_CUDA_ARCH_LIST", "native") + '"'))
+    macros.append(("PROSG_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'))
     sources += _sources("csrc/**/cuda/*.cpp") + _sources("csrc/**/cuda/*.cu")
     nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "prosg._C", sources, include_dirs=include_dirs + _nvidia_include_dirs(),
         define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"])
+
+
+def _visible_cuda_archs() -> str:
+    """The compute capabilities of the visible GPUs, e.g. "9.0" or "8.0;9.0"; "" without one."""
+    if not torch.cuda.is_available():
+        return ""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps)
 
 
 setup(

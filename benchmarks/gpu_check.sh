@@ -1,46 +1,93 @@
 #!/usr/bin/env bash
-# One-shot check of prosg on a machine with a GPU: build, CUDA tests, compute-sanitizer,
-# CUDA benchmarks, the card's copy bandwidth, and a summary.
+# One-shot check of prosg on a machine with a GPU: build, CUDA tests, compute-sanitizer
+# (memcheck, initcheck, racecheck), then the card's copy bandwidth and the CUDA
+# benchmarks, and a summary.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      # from the repository root
+#   bash benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]      # from the repository root
 #
 # OUT_DIR defaults to $OUT, else out/gpu_check. It receives one log per step
 # (<step>.log), steps.tsv (name, status, exit code, seconds), tests_cuda.xml (JUnit),
 # bench.json (pytest-benchmark), bandwidth.json and summary.md.
 #
-# Made for a lent machine with no package registry: it installs nothing but prosg itself
-# (pip --no-build-isolation --no-deps, against the torch already there) and needs torch,
-# pytest, pytest-benchmark and transformers to be present. The extension is built for
-# the visible GPU (TORCH_CUDA_ARCH_LIST is unset). Every step runs under `timeout`, and
-# a failed step is recorded without stopping the later ones; the whole run stays within
-# GPU_CHECK_BUDGET seconds (default 450, i.e. under 8 minutes with the summary).
+# Made for a lent machine with no package registry and minutes of device time: it
+# installs nothing but prosg itself (pip --no-build-isolation --no-deps, against the
+# torch already there), needs torch, pytest and pytest-benchmark to be present, and
+# triggers no other package's JIT kernel build (no inductor/Triton, no transformers
+# CUDA kernel). The extension is built for the visible GPU (TORCH_CUDA_ARCH_LIST is
+# unset). Every step runs under `timeout`, a failed step is recorded without stopping
+# the later ones, and the step limits add up to the budget (checked before anything
+# runs), in the order the results matter: env 15 s, build 150, tests 90, memcheck 45,
+# initcheck 30, racecheck 30, bandwidth 20, benchmarks 30, and 10 s for the summary.
 #
-# Environment: GPU_CHECK_BUDGET (s), MAX_JOBS (default 16), BENCH_ARGS (extra pytest
-# arguments for the benchmarks; default "--benchmark-max-time=0.5", which keeps the
-# default CUDA shapes near a minute), PYTHON (default: python, else python3).
+# --dry-run: everything that can run on a CPU machine, as CI does: argument parsing,
+# the step order and budget, the scripts the GPU steps would run (compiled), the CUDA
+# kernels executed on the CPU (csrc/tests/cuda_emu, in place of the build and the CUDA
+# tests) and the summary; the steps that need a GPU are recorded as skipped.
 #
-# The steps in order of importance, each capped: env 30 s, bandwidth 60, build 240,
-# tests 150, benchmarks 150, memcheck 120, racecheck 90; a step that would start with
-# under 5 s of budget left is recorded as skipped.
+# Environment: GPU_CHECK_BUDGET (s, default 420: the step limits), MAX_JOBS (default
+# 16), BENCH_ARGS (extra pytest arguments for the benchmarks; default
+# "--benchmark-max-time=0.2"), PYTHON (default: the first of python, python3 that
+# imports torch).
 set -uo pipefail
 
+DRY_RUN=0
+OUT_ARG=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (use --dry-run, or --help)" >&2; exit 2 ;;
+    *)
+      if [ -n "$OUT_ARG" ]; then echo "gpu_check.sh: one OUT_DIR only, got '$OUT_ARG' and '$arg'" >&2; exit 2; fi
+      OUT_ARG=$arg ;;
+  esac
+done
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${1:-${OUT:-out/gpu_check}}
+OUT=${OUT_ARG:-${OUT:-out/gpu_check}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+
+# The Python with torch: `python` may be missing, or another interpreter than the one
+# torch is installed for.
+pick_python() {
+  local c
+  for c in ${PYTHON:-} python python3; do
+    if command -v "$c" > /dev/null 2>&1 && "$c" -c 'import torch' > /dev/null 2>&1; then
+      command -v "$c"
+      return
+    fi
+  done
+  command -v python3 || command -v python
+}
+PYTHON=$(pick_python)
+BUDGET=${GPU_CHECK_BUDGET:-420}
 export MAX_JOBS=${MAX_JOBS:-16}
+
+# The steps in order and their time limits (s); SUMMARY_SECONDS are kept for the summary.
+STEP_ORDER=(env build tests_cuda memcheck initcheck racecheck bandwidth bench_cuda)
+declare -A STEP_LIMIT=([env]=15 [build]=150 [tests_cuda]=90 [memcheck]=45 [initcheck]=30 [racecheck]=30
+                       [bandwidth]=20 [bench_cuda]=30)
+SUMMARY_SECONDS=10
+total=$SUMMARY_SECONDS
+for name in "${STEP_ORDER[@]}"; do total=$((total + STEP_LIMIT[$name])); done
+if [ "$total" -gt "$BUDGET" ]; then
+  echo "gpu_check.sh: the step limits add up to ${total}s, over the budget of ${BUDGET}s" >&2
+  exit 2
+fi
+echo "=== gpu_check: $PYTHON, budget ${BUDGET}s (limits add up to ${total}s), dry run: $DRY_RUN, results in $OUT"
+
 START=$SECONDS
 STEPS="$OUT/steps.tsv"
 printf 'step\tstatus\texit\tseconds\n' > "$STEPS"
 
-# run_step NAME MAX_SECONDS COMMAND: runs COMMAND with bash under a timeout of
-# min(MAX_SECONDS, what is left of the budget less 15 s for the summary), logs to
-# $OUT/NAME.log and records the outcome.
+# run_step NAME COMMAND: runs COMMAND with bash under a timeout of min(the step's
+# limit, what is left of the budget less the summary's), logs to $OUT/NAME.log and
+# records the outcome.
 run_step() {
-  local name=$1 max=$2 cmd=$3
-  local left=$((BUDGET - (SECONDS - START) - 15))
+  local name=$1 cmd=$2
+  local max=${STEP_LIMIT[$name]}
+  local left=$((BUDGET - (SECONDS - START) - SUMMARY_SECONDS))
   local limit=$((max < left ? max : left))
   local log="$OUT/$name.log"
   if [ "$limit" -lt 5 ]; then
@@ -60,6 +107,12 @@ run_step() {
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$took" >> "$STEPS"
   echo "--- $name: $status (exit $rc, ${took}s); last lines of $log:"
   tail -n 15 "$log"
+}
+
+# skip_step NAME WHY: records a step that does not run.
+skip_step() {
+  printf '%s\tskipped (%s)\t-\t0\n' "$1" "$2" >> "$STEPS"
+  echo "=== $1: skipped ($2)"
 }
 
 find_sanitizer() {
@@ -84,6 +137,10 @@ import torch
 
 import prosg
 from prosg.ops import lowrank_linear, wkv4
+from prosg.reference import wkv4_ref
+
+# --quick: float32 only (initcheck and racecheck, which cost more per kernel).
+quick = "--quick" in sys.argv[1:]
 
 dev = "cuda"
 failed = missing = 0
@@ -125,7 +182,7 @@ def lowrank(dtype, B, T, Din, Dout, r, bias, three_d, strided):
     return run
 
 
-def wkv(dtype, B, T, C, r, state, lowrank_kv):
+def wkv(dtype, B, T, C, r, state, lowrank_kv, check_reference=False):
     def run():
         kw = dict(device=dev, dtype=dtype)
         td = torch.randn(C, device=dev, requires_grad=True)
@@ -146,6 +203,16 @@ def wkv(dtype, B, T, C, r, state, lowrank_kv):
             klr, vlr = (kz, ku), (vz, vu)
             leaves += [kz, ku, vz, vu]
         out, state_out = wkv4(td, tf, k, v, s, key_lowrank=klr, value_lowrank=vlr)
+        if check_reference:
+            # The chunked scan's outputs and final state against the float64 reference
+            # (finite is not enough: a wrong chunk boundary gives finite wrong states).
+            cpu = lambda t: None if t is None else t.detach().double().cpu()
+            lr = lambda p: None if p is None else (cpu(p[0]), cpu(p[1]))
+            ref_out, ref_state = wkv4_ref(cpu(td), cpu(tf), cpu(k), cpu(v), cpu(s), lr(klr), lr(vlr))
+            tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+            for name, got, want in (("out", out, ref_out), ("state_out", state_out, ref_state)):
+                err = (got.double().cpu() - want).abs().max().item() / max(1.0, want.abs().max().item())
+                assert err <= tol, f"{name}: relative max error {err:.3g} > {tol}"
         grads([out, state_out], leaves)
     return run
 
@@ -175,14 +242,15 @@ def decode_step(dtype, B, H, C, F, r, with_deltas):
 
 print(prosg.backends(), flush=True)
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+for dtype in (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16):
     n = str(dtype).removeprefix("torch.")
     case(f"lowrank_linear {n} 3d bias", lowrank(dtype, 3, 37, 65, 129, 5, True, True, 0))
     case(f"lowrank_linear {n} 2d strided", lowrank(dtype, 5, 1, 33, 17, 3, False, False, 3))
     case(f"lowrank_linear {n} r=1", lowrank(dtype, 2, 9, 255, 7, 1, True, True, 1))
     case(f"wkv4 {n} plain", wkv(dtype, 2, 33, 67, 0, False, False))
     case(f"wkv4 {n} state+lowrank", wkv(dtype, 3, 65, 131, 4, True, True))
-    case(f"wkv4 {n} long (chunked scan)", wkv(dtype, 1, 4099, 37, 2, True, True))
+    case(f"wkv4 {n} long (chunked scan)", wkv(dtype, 1, 4099, 37, 2, True, True, check_reference=True))
+    case(f"wkv4 {n} short last chunk", wkv(dtype, 1, 2111, 3, 2, True, False, check_reference=True))
     case(f"rwkv4 decode steps {n}", decode_step(dtype, 3, 37, 45, 70, 5, True))
     case(f"rwkv4 decode steps {n} no delta", decode_step(dtype, 1, 64, 64, 256, 1, False))
 print(f"{failed} failed, {missing} without a CUDA kernel", flush=True)
@@ -224,11 +292,10 @@ json.dump(result, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(result, indent=1))
 EOF
 
-run_step env 30 "nvidia-smi; echo; command -v nvcc && nvcc --version; ls -d /usr/local/cuda* 2>/dev/null; \
-  $PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+run_step env "nvidia-smi || echo 'nvidia-smi: not found or no GPU'; echo; command -v nvcc && nvcc --version; \
+  ls -d /usr/local/cuda* 2>/dev/null; $PYTHON -c 'import sys, torch; print(sys.version); \
+  print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else \"NO CUDA DEVICE\")'; nproc; free -g"
-
-run_step bandwidth 60 "$PYTHON '$OUT/bandwidth.py' '$OUT/bandwidth.json'"
 
 # The build for the visible GPU. --no-deps: nothing to fetch on a machine without a
 # registry. Editable, so that `python -m pytest` from the repository root imports the
@@ -249,28 +316,53 @@ if [ "\$rc" -ne 0 ]; then
 fi
 $PYTHON -m prosg info
 EOF
-run_step build 240 "bash '$OUT/build.sh'"
 
-run_step tests_cuda 150 "export PROSG_EXPECT_CUDA=1; \
-  $PYTHON -m pytest tests -q -m cuda --junitxml='$OUT/tests_cuda.xml' && \
-  $PYTHON -m pytest -q tests/test_build.py::test_installed_build_holds_what_was_asked tests/test_cli.py"
-
-run_step bench_cuda 150 "$PYTHON -m pytest benchmarks -q --bench-devices=cuda \
-  --benchmark-json='$OUT/bench.json' --benchmark-columns=min,median,mean,stddev,rounds \
-  ${BENCH_ARGS:---benchmark-max-time=0.5}"
+# The CUDA kernels executed on the CPU (the dry run's stand-in for the build and the
+# CUDA tests): the emulated kernel suite and the emulator's own tests, optimised, no
+# sanitizers (CI runs them with ASan and UBSan through tests/test_cpp.py).
+cat > "$OUT/cuda_emu.sh" <<EOF
+set -e
+cmake -S . -B "$OUT/cuda_emu_build" -DCMAKE_BUILD_TYPE=Release \$(command -v ninja > /dev/null && echo -G Ninja)
+cmake --build "$OUT/cuda_emu_build" --target test_cuda_kernels test_cuda_emu --parallel "$MAX_JOBS"
+"$OUT/cuda_emu_build/test_cuda_emu"
+"$OUT/cuda_emu_build/test_cuda_kernels"
+EOF
 
 SANITIZER=$(find_sanitizer)
-if [ -n "$SANITIZER" ]; then
-  # No caching allocator under the sanitizer: out-of-bounds accesses that land inside a
-  # cached block would go unseen.
-  run_step memcheck 120 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 99 \
-    --print-limit 20 $PYTHON '$OUT/sanitize_ops.py'"
-  run_step racecheck 90 "'$SANITIZER' --tool racecheck --racecheck-report hazard --error-exitcode 99 \
-    --print-limit 20 $PYTHON '$OUT/sanitize_ops.py'"
+# Only prosg's kernels are instrumented and reported (torch's and cuBLAS's would drown
+# the report and the time); every prosg kernel lives in namespace prosg::cuda.
+SANITIZER_FILTER=""
+if [ -n "$SANITIZER" ] && "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name'; then
+  SANITIZER_FILTER="--kernel-name kns=prosg"
+fi
+
+if [ "$DRY_RUN" -eq 1 ]; then
+  run_step build "bash -n '$OUT/build.sh' && $PYTHON -m py_compile '$OUT/sanitize_ops.py' '$OUT/bandwidth.py' \
+    && echo 'dry run: build.sh parses; sanitize_ops.py and bandwidth.py compile'"
+  run_step tests_cuda "echo 'dry run: the CUDA kernels executed on the CPU'; bash '$OUT/cuda_emu.sh'"
+  for name in memcheck initcheck racecheck bandwidth bench_cuda; do skip_step "$name" "dry run: needs a GPU"; done
 else
-  printf 'memcheck\tskipped (no compute-sanitizer)\t-\t0\n' >> "$STEPS"
-  printf 'racecheck\tskipped (no compute-sanitizer)\t-\t0\n' >> "$STEPS"
-  echo "=== compute-sanitizer not found: memcheck and racecheck skipped"
+  run_step build "bash '$OUT/build.sh'"
+  # Not the inductor cases (marker jit): they compile Triton kernels, minutes of JIT.
+  run_step tests_cuda "export PROSG_EXPECT_CUDA=1; \
+    $PYTHON -m pytest tests -q -m 'cuda and not jit' --junitxml='$OUT/tests_cuda.xml' && \
+    $PYTHON -m pytest -q tests/test_build.py::test_installed_build_holds_what_was_asked"
+  if [ -n "$SANITIZER" ]; then
+    # No caching allocator under memcheck and initcheck: an access that lands inside a
+    # cached block, or reads one left uninitialised, would go unseen.
+    run_step memcheck "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck $SANITIZER_FILTER \
+      --error-exitcode 99 --print-limit 20 $PYTHON '$OUT/sanitize_ops.py'"
+    run_step initcheck "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool initcheck $SANITIZER_FILTER \
+      --error-exitcode 99 --print-limit 20 $PYTHON '$OUT/sanitize_ops.py' --quick"
+    run_step racecheck "'$SANITIZER' --tool racecheck $SANITIZER_FILTER --racecheck-report hazard \
+      --error-exitcode 99 --print-limit 20 $PYTHON '$OUT/sanitize_ops.py' --quick"
+  else
+    for name in memcheck initcheck racecheck; do skip_step "$name" "no compute-sanitizer"; done
+  fi
+  run_step bandwidth "$PYTHON '$OUT/bandwidth.py' '$OUT/bandwidth.json'"
+  run_step bench_cuda "$PYTHON -m pytest benchmarks -q --bench-devices=cuda \
+    --benchmark-json='$OUT/bench.json' --benchmark-columns=min,median,mean,stddev,rounds \
+    ${BENCH_ARGS:---benchmark-max-time=0.2}"
 fi
 
 # The summary: steps, the card, bandwidth, test counts, benchmark medians.
@@ -285,7 +377,9 @@ out, total = Path(sys.argv[1]), int(sys.argv[2])
 lines = ["# prosg GPU check", ""]
 env = (out / "env.log").read_text(errors="replace").splitlines() if (out / "env.log").exists() else []
 torch_line = next((l for l in env if l.startswith("torch ")), "torch: unknown")
-lines += [f"- {torch_line}", f"- total: {total} s", ""]
+dry = any("dry run" in (out / f"{n}.log").read_text(errors="replace")[:200]
+          for n in ("build",) if (out / f"{n}.log").exists())
+lines += [f"- {torch_line}", f"- total: {total} s" + (" (dry run: no GPU steps)" if dry else ""), ""]
 
 lines += ["## Steps", "", "| step | status | exit | seconds |", "| --- | --- | --- | --- |"]
 rows = [l.split("\t") for l in (out / "steps.tsv").read_text().splitlines()[1:] if l]
@@ -333,7 +427,7 @@ if bench.exists():
         lines.append(f"| {g} | {', '.join(cells)} |")
     lines.append("")
 
-for tool in ("memcheck", "racecheck"):
+for tool in ("memcheck", "initcheck", "racecheck"):
     log = out / f"{tool}.log"
     if log.exists():
         tail = [l for l in log.read_text(errors="replace").splitlines() if "ERROR SUMMARY" in l or "failed," in l]

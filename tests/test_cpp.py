@@ -1,8 +1,10 @@
 """Runs the torch-free C++ tests (CMakeLists.txt, csrc/tests/) through CMake and CTest.
 
 They test the math headers that the CPU and CUDA kernels share, compiled with the host
-compiler, with AddressSanitizer and UBSan where the compiler has them. Skipped when
-CMake or a C++ compiler is missing. Takes about 10 seconds.
+compiler, and the CUDA kernels themselves executed on the CPU (csrc/tests/cuda_emu:
+every launcher against float64 references), with AddressSanitizer and UBSan where the
+compiler has them; then that the CUDA kernel suite catches planted defects. Skipped
+when CMake or a C++ compiler is missing. Takes about 2 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,16 @@ def test_native_cpp_tests_pass(tmp_path):
         run = _run(step, cwd=tmp_path)
         assert run.returncode == 0, f"{' '.join(step)} failed:\n{_tail(run.stdout)}\n{_tail(run.stderr)}"
     assert "100% tests passed" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="not running from a source tree")
+def test_cuda_kernel_suite_catches_planted_defects():
+    """The CPU execution of the CUDA kernels bites: an off-by-one read, a skipped
+    barrier, a wrong chunk boundary and the empty trailing chunk it once found, each
+    planted in a copy of the real .cu files, make the emulated suite fail
+    (csrc/tests/cuda_emu/mutants.py; about 35 seconds)."""
+    run = subprocess.run([sys.executable, str(ROOT / "csrc/tests/cuda_emu/mutants.py")], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "all 4 mutants caught" in run.stdout, run.stdout

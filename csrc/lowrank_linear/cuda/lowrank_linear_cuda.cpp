@@ -11,13 +11,19 @@
 namespace prosg::lowrank {
 namespace {
 
+// One block per row of x on gridDim.x: B*T rows at most 2^31 - 1.
+void check_rows(int64_t batch, int64_t seqlen) {
+  TORCH_CHECK_VALUE(batch * seqlen < (1LL << 31), "prosg.lowrank_linear: x has B*T = ", batch, "*", seqlen, " = ",
+                    batch * seqlen, " rows; CUDA's grid limit is 2^31 - 1");
+}
+
 void shrink_cuda(const LowrankShrinkParams& p) {
-  TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
+  check_rows(p.batch, p.seqlen);
   check_launch(cuda::launch_lowrank_shrink(p, current_stream()), "lowrank shrink");
 }
 
 void expand_cuda(const LowrankExpandParams& p) {
-  TORCH_CHECK(p.batch * p.seqlen < (1LL << 31), "prosg.lowrank_linear: B*T must be < 2^31 on CUDA");
+  check_rows(p.batch, p.seqlen);
   check_launch(cuda::launch_lowrank_expand(p, current_stream()), "lowrank expand");
 }
 

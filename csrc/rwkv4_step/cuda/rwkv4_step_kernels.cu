@@ -45,14 +45,20 @@ __global__ void __launch_bounds__(kThreads) gate_kernel(Rwkv4GateParams p) {
 }  // namespace
 
 cudaError_t launch_rwkv4_mix(const Rwkv4MixParams& p, cudaStream_t stream) {
+  const long long n = p.batch * p.hidden;
+  if (n == 0 || p.n_mix == 0) return cudaSuccess;
+  if ((n + kThreads - 1) / kThreads > kMaxGridX) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    mix_kernel<decltype(tag)><<<ceil_div(p.batch * p.hidden, kThreads), kThreads, 0, stream>>>(p);
+    return launch(&mix_kernel<decltype(tag)>, dim3(ceil_div(n, kThreads)), dim3(kThreads), 0, stream, p);
   });
 }
 
 cudaError_t launch_rwkv4_gate(const Rwkv4GateParams& p, cudaStream_t stream) {
+  const long long n = p.batch * p.channels;
+  if (n == 0) return cudaSuccess;
+  if ((n + kThreads - 1) / kThreads > kMaxGridX) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    gate_kernel<decltype(tag)><<<ceil_div(p.batch * p.channels, kThreads), kThreads, 0, stream>>>(p);
+    return launch(&gate_kernel<decltype(tag)>, dim3(ceil_div(n, kThreads)), dim3(kThreads), 0, stream, p);
   });
 }
 

@@ -12,24 +12,18 @@
 namespace prosg::wkv4 {
 namespace {
 
-void check_grid(const Wkv4Params& p) {
-  TORCH_CHECK_VALUE(p.batch <= 65535, "prosg.wkv4: batch size must be <= 65535 on CUDA, got ", p.batch);
-}
-
 at::Tensor workspace(int64_t floats) {
   return at::empty({floats}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
 }
 
 void forward_cuda(const Wkv4Params& p) {
-  check_grid(p);
-  const int64_t chunks = cuda::wkv4_forward_chunks(p.batch, p.channels, p.seqlen);
+  const int64_t chunks = cuda::wkv4_forward_chunks(p.batch, p.channels, p.seqlen, multiprocessor_count());
   const at::Tensor ws = workspace(cuda::wkv4_forward_workspace(p.batch, p.channels, chunks));
   check_launch(cuda::launch_wkv4_forward(p, chunks, ws.data_ptr<float>(), current_stream()),
                "wkv4 forward");
 }
 
 void backward_cuda(const Wkv4Params& p) {
-  check_grid(p);
   const at::Tensor ws = workspace(cuda::wkv4_backward_workspace(p.batch, p.channels, p.seqlen));
   check_launch(cuda::launch_wkv4_backward(p, ws.data_ptr<float>(), current_stream()),
                "wkv4 backward");

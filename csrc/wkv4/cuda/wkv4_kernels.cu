@@ -84,112 +84,113 @@ __global__ void __launch_bounds__(kThreads)
     forward_chunks(const __grid_constant__ Wkv4Params p, long long chunk_len, const float* start, float* end) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
-  const long long b = blockIdx.y, chunk = blockIdx.z, B = p.batch, C = p.channels;
+  const long long chunk = blockIdx.z, B = p.batch, C = p.channels;
   const long long t0 = chunk * chunk_len, t1 = min(static_cast<long long>(p.seqlen), t0 + chunk_len);
-  const Inputs<T> in{p, b, c};
   const float w = static_cast<const float*>(p.w)[c], u = static_cast<const float*>(p.u)[c];
-  State<float> s = start ? load_state(start, chunk * B + b, C, c) : empty_state();
-  T* out = static_cast<T*>(p.out) + b * p.seqlen * C + c;
-  for (long long t = t0; t < t1; ++t) {
-    const float y = wkv4::forward_step<ScalarOps>(w, u, in.key(t), in.value(t), s);
-    if (kWriteOut) out[t * C] = from_float<T>(y);
+  for (long long b = blockIdx.y; b < B; b += gridDim.y) {
+    const Inputs<T> in{p, b, c};
+    State<float> s = start ? load_state(start, chunk * B + b, C, c) : empty_state();
+    T* out = static_cast<T*>(p.out) + b * p.seqlen * C + c;
+    for (long long t = t0; t < t1; ++t) {
+      const float y = wkv4::forward_step<ScalarOps>(w, u, in.key(t), in.value(t), s);
+      if (kWriteOut) out[t * C] = from_float<T>(y);
+    }
+    if (end) store_state(end, chunk * B + b, C, c, s);
   }
-  if (end) store_state(end, chunk * B + b, C, c, s);
 }
 
 // Step 2: workspace[chunk, b] holds chunk end states on entry and start states on exit.
+// Every chunk but the last has chunk_len steps, the last at least one.
 __global__ void __launch_bounds__(kThreads)
     chunk_scan(const __grid_constant__ Wkv4Params p, long long chunks, long long chunk_len, float* workspace) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
-  const long long b = blockIdx.y, B = p.batch, C = p.channels;
+  const long long B = p.batch, C = p.channels;
   const float w = static_cast<const float*>(p.w)[c];
-  State<float> s = p.state_in ? load_state(static_cast<const float*>(p.state_in), b, C, c) : empty_state();
-  for (long long i = 0; i < chunks; ++i) {
-    const State<float> chunk_end = load_state(workspace, i * B + b, C, c);
-    store_state(workspace, i * B + b, C, c, s);
-    const long long len = min(chunk_len, static_cast<long long>(p.seqlen) - i * chunk_len);
-    s = wkv4::combine<ScalarOps>(s, static_cast<float>(len) * w, chunk_end);
+  for (long long b = blockIdx.y; b < B; b += gridDim.y) {
+    State<float> s = p.state_in ? load_state(static_cast<const float*>(p.state_in), b, C, c) : empty_state();
+    for (long long i = 0; i < chunks; ++i) {
+      const State<float> chunk_end = load_state(workspace, i * B + b, C, c);
+      store_state(workspace, i * B + b, C, c, s);
+      const long long len = min(chunk_len, static_cast<long long>(p.seqlen) - i * chunk_len);
+      s = wkv4::combine<ScalarOps>(s, static_cast<float>(len) * w, chunk_end);
+    }
+    store_state(static_cast<float*>(p.state_out), b, C, c, s);
   }
-  store_state(static_cast<float*>(p.state_out), b, C, c, s);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constant__ Wkv4Params p, float* checkpoints) {
   const long long c = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= p.channels) return;
-  const long long b = blockIdx.y, B = p.batch, C = p.channels, T_ = p.seqlen;
+  const long long B = p.batch, C = p.channels, T_ = p.seqlen;
   const long long n_seg = (T_ + kSegment - 1) / kSegment;
-  const Inputs<T> in{p, b, c};
   const float w = static_cast<const float*>(p.w)[c], u = static_cast<const float*>(p.u)[c];
+  for (long long b = blockIdx.y; b < B; b += gridDim.y) {
+    const Inputs<T> in{p, b, c};
+    // Pass 1: the state at the start of every segment, [segment, b, 3, C].
+    State<float> s = p.state_in ? load_state(static_cast<const float*>(p.state_in), b, C, c) : empty_state();
+    for (long long t = 0; t < T_; ++t) {
+      if (t % kSegment == 0) store_state(checkpoints, (t / kSegment) * B + b, C, c, s);
+      wkv4::forward_step<ScalarOps>(w, u, in.key(t), in.value(t), s);
+    }
 
-  // Pass 1: the state at the start of every segment, [segment, b, 3, C].
-  State<float> s = p.state_in ? load_state(static_cast<const float*>(p.state_in), b, C, c) : empty_state();
-  for (long long t = 0; t < T_; ++t) {
-    if (t % kSegment == 0) store_state(checkpoints, (t / kSegment) * B + b, C, c, s);
-    wkv4::forward_step<ScalarOps>(w, u, in.key(t), in.value(t), s);
-  }
-
-  // Pass 2: segments in reverse.
-  StateGrad<float> g;
-  {
-    const State<float> gs = load_state(static_cast<const float*>(p.grad_state_out), b, C, c);
-    g = {gs.a, gs.b, gs.p};
-  }
-  float gw = 0.f, gu = 0.f;
-  State<float> states[kSegment];
-  float keys[kSegment], values[kSegment];
-  const T* grad_out = static_cast<const T*>(p.grad_out) + b * p.go_batch_stride + c * p.go_chan_stride;
-  T* grad_key = static_cast<T*>(p.grad_key) + b * T_ * C + c;
-  T* grad_value = static_cast<T*>(p.grad_value) + b * T_ * C + c;
-  for (long long seg = n_seg - 1; seg >= 0; --seg) {
-    const long long t0 = seg * kSegment;
-    const int len = static_cast<int>(min(static_cast<long long>(kSegment), T_ - t0));
-    s = load_state(checkpoints, seg * B + b, C, c);
+    // Pass 2: segments in reverse.
+    StateGrad<float> g;
+    {
+      const State<float> gs = load_state(static_cast<const float*>(p.grad_state_out), b, C, c);
+      g = {gs.a, gs.b, gs.p};
+    }
+    float gw = 0.f, gu = 0.f;
+    State<float> states[kSegment];
+    float keys[kSegment], values[kSegment];
+    const T* grad_out = static_cast<const T*>(p.grad_out) + b * p.go_batch_stride + c * p.go_chan_stride;
+    T* grad_key = static_cast<T*>(p.grad_key) + b * T_ * C + c;
+    T* grad_value = static_cast<T*>(p.grad_value) + b * T_ * C + c;
+    for (long long seg = n_seg - 1; seg >= 0; --seg) {
+      const long long t0 = seg * kSegment;
+      const int len = static_cast<int>(min(static_cast<long long>(kSegment), T_ - t0));
+      s = load_state(checkpoints, seg * B + b, C, c);
 #pragma unroll
-    for (int j = 0; j < kSegment; ++j) {
-      if (j < len) {
-        states[j] = s;
-        keys[j] = in.key(t0 + j);
-        values[j] = in.value(t0 + j);
-        wkv4::forward_step<ScalarOps>(w, u, keys[j], values[j], s);
+      for (int j = 0; j < kSegment; ++j) {
+        if (j < len) {
+          states[j] = s;
+          keys[j] = in.key(t0 + j);
+          values[j] = in.value(t0 + j);
+          wkv4::forward_step<ScalarOps>(w, u, keys[j], values[j], s);
+        }
+      }
+#pragma unroll
+      for (int j = kSegment - 1; j >= 0; --j) {
+        if (j < len) {
+          const long long t = t0 + j;
+          float gk, gv;
+          wkv4::backward_step<ScalarOps>(w, u, keys[j], values[j], states[j], to_float(grad_out[t * p.go_seq_stride]),
+                                         g, gk, gv, gw, gu);
+          grad_key[t * C] = from_float<T>(gk);
+          grad_value[t * C] = from_float<T>(gv);
+        }
       }
     }
-#pragma unroll
-    for (int j = kSegment - 1; j >= 0; --j) {
-      if (j < len) {
-        const long long t = t0 + j;
-        float gk, gv;
-        wkv4::backward_step<ScalarOps>(w, u, keys[j], values[j], states[j], to_float(grad_out[t * p.go_seq_stride]), g,
-                                       gk, gv, gw, gu);
-        grad_key[t * C] = from_float<T>(gk);
-        grad_value[t * C] = from_float<T>(gv);
-      }
-    }
+    static_cast<float*>(p.grad_w)[b * C + c] = gw;
+    static_cast<float*>(p.grad_u)[b * C + c] = gu;
+    if (p.grad_state_in) store_state(static_cast<float*>(p.grad_state_in), b, C, c, State<float>{g.a, g.b, g.p});
   }
-  static_cast<float*>(p.grad_w)[b * C + c] = gw;
-  static_cast<float*>(p.grad_u)[b * C + c] = gu;
-  if (p.grad_state_in) store_state(static_cast<float*>(p.grad_state_in), b, C, c, State<float>{g.a, g.b, g.p});
-}
-
-int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 1;
-  }
-  return sms;
 }
 
 }  // namespace
 
-int64_t wkv4_forward_chunks(int64_t batch, int64_t channels, int64_t seqlen) {
+int64_t wkv4_forward_chunks(int64_t batch, int64_t channels, int64_t seqlen, int sm_count) {
   // Aim for ~4 resident 128-thread blocks' worth of threads per SM... times 4 waves.
-  const int64_t target_threads = static_cast<int64_t>(sm_count()) * 2048 * 2;
+  const int64_t target_threads = static_cast<int64_t>(std::max(sm_count, 1)) * 2048 * 2;
   const int64_t threads = std::max<int64_t>(1, batch * channels);
   const int64_t want = (target_threads + threads - 1) / threads;
   const int64_t most = std::max<int64_t>(1, seqlen / kMinChunkLen);
-  return std::clamp<int64_t>(want, 1, std::min<int64_t>(most, 65535));
+  const int64_t chunks = std::clamp<int64_t>(want, 1, std::min<int64_t>(most, kMaxGridYZ));
+  // Chunks of ceil(T / chunks) steps: fewer chunks may cover T (T = 5000 in 156 chunks
+  // of 33 steps needs only 152), and an empty trailing chunk must not exist.
+  const int64_t chunk_len = (seqlen + chunks - 1) / std::max<int64_t>(chunks, 1);
+  return chunk_len > 0 ? (seqlen + chunk_len - 1) / chunk_len : 1;
 }
 
 int64_t wkv4_forward_workspace(int64_t batch, int64_t channels, int64_t chunks) {
@@ -197,20 +198,29 @@ int64_t wkv4_forward_workspace(int64_t batch, int64_t channels, int64_t chunks) 
 }
 
 cudaError_t launch_wkv4_forward(const Wkv4Params& p, int64_t chunks, float* workspace, cudaStream_t stream) {
+  if (p.batch == 0 || p.channels == 0) return cudaSuccess;
+  if (chunks < 1 || chunks > kMaxGridYZ) return cudaErrorInvalidValue;
   const long long chunk_len = (p.seqlen + chunks - 1) / chunks;
-  const unsigned int cblocks = ceil_div(p.channels, kThreads);
-  const unsigned int batch = static_cast<unsigned int>(p.batch);
+  // Every chunk must hold at least one step: chunk_scan advances the state by each
+  // chunk's length.
+  if (chunks > 1 && (chunks - 1) * chunk_len >= p.seqlen) return cudaErrorInvalidValue;
+  const dim3 block(kThreads);
+  const dim3 rows(ceil_div(p.channels, kThreads), grid_dim(p.batch, kMaxGridYZ));
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (chunks == 1) {
-      forward_chunks<T, true><<<dim3(cblocks, batch, 1), kThreads, 0, stream>>>(
-          p, chunk_len, static_cast<const float*>(p.state_in), static_cast<float*>(p.state_out));
-      return;
+      return launch(&forward_chunks<T, true>, rows, block, 0, stream, p, chunk_len,
+                    static_cast<const float*>(p.state_in), static_cast<float*>(p.state_out));
     }
-    const dim3 grid(cblocks, batch, static_cast<unsigned int>(chunks));
-    forward_chunks<T, false><<<grid, kThreads, 0, stream>>>(p, chunk_len, nullptr, workspace);
-    chunk_scan<<<dim3(cblocks, batch), kThreads, 0, stream>>>(p, chunks, chunk_len, workspace);
-    forward_chunks<T, true><<<grid, kThreads, 0, stream>>>(p, chunk_len, workspace, nullptr);
+    const dim3 grid(rows.x, rows.y, static_cast<unsigned int>(chunks));
+    const float* no_start = nullptr;
+    float* no_end = nullptr;
+    cudaError_t err = launch(&forward_chunks<T, false>, grid, block, 0, stream, p, chunk_len, no_start, workspace);
+    if (err == cudaSuccess) err = launch(&chunk_scan, rows, block, 0, stream, p, static_cast<long long>(chunks),
+                                         chunk_len, workspace);
+    if (err == cudaSuccess) err = launch(&forward_chunks<T, true>, grid, block, 0, stream, p, chunk_len,
+                                         static_cast<const float*>(workspace), no_end);
+    return err;
   });
 }
 
@@ -219,9 +229,10 @@ int64_t wkv4_backward_workspace(int64_t batch, int64_t channels, int64_t seqlen)
 }
 
 cudaError_t launch_wkv4_backward(const Wkv4Params& p, float* workspace, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.channels, kThreads), static_cast<unsigned int>(p.batch));
+  if (p.batch == 0 || p.channels == 0) return cudaSuccess;
+  const dim3 grid(ceil_div(p.channels, kThreads), grid_dim(p.batch, kMaxGridYZ));
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    backward_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(p, workspace);
+    return launch(&backward_kernel<decltype(tag)>, grid, dim3(kThreads), 0, stream, p, workspace);
   });
 }
 

@@ -1,0 +1,4 @@
+// Stand-in for the CUDA toolkit header in the CPU execution of the CUDA kernels.
+#pragma once
+#include "../cuda_emu.h"
+#include "../cuda_emu_half.h"
