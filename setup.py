@@ -133,7 +133,11 @@ def _write_build_config(isa: str, with_cuda: bool) -> None:
 
 
 def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern), recursive=True))
+    """The extension's sources matching `pattern`; csrc/tests (the torch-free C++ tests
+    and the CPU execution of the CUDA kernels, built by CMake) never belongs to it."""
+    tests = ROOT / "csrc" / "tests"
+    found = (Path(p) for p in glob.glob(str(ROOT / pattern), recursive=True))
+    return sorted(os.path.relpath(p, ROOT) for p in found if tests not in p.parents)
 
 
 def _extension():

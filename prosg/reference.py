@@ -14,7 +14,11 @@ def lowrank_linear_ref(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, U: Tensor | None = None, V: Tensor | None = None,
     scale: float = 1.0,
 ) -> Tensor:
-    """Materialises ``W_b = W + scale * U_b V_b^T`` for each sample, in float64."""
+    """Materialises ``W_b = W + scale * U_b V_b^T`` for each sample, in float64.
+
+    x: (B T Din) or (B Din); weight: (Dout Din); bias: (Dout); U: (B Dout r); V: (B Din r).
+    Returns y: (B T Dout) or (B Dout), float64.
+    """
     squeeze = x.dim() == 2
     x = (x.unsqueeze(1) if squeeze else x).double()
     batch = x.shape[0]
@@ -34,7 +38,10 @@ def wkv4_ref(
     """The RWKV-4 recurrence step by step in float64, exactly as transformers'
     ``rwkv_linear_attention_cpu`` writes it, with the effective key/value materialised.
 
-    Returns ``(out [B, T, C], state_out [B, 3, C])``, both float64 and differentiable.
+    time_decay, time_first: (C); key, value: (B T C); state: (B 3 C), rows (a, b, p), or
+    None for (0, 0, -1e38); key_lowrank, value_lowrank: (z (B T r), U (B C r)), adding
+    z U^T to key / value. Returns (out (B T C), state_out (B 3 C)), both float64 and
+    differentiable.
     """
     k = key.double()
     v = value.double()
@@ -61,3 +68,57 @@ def wkv4_ref(
         a, b, p = e1 * a + e2 * vt, e1 * b + e2, q
     out = torch.stack(outs, 1) if outs else torch.zeros_like(k)
     return out, torch.stack([a, b, p], 1)
+
+
+def _lerp(x: Tensor, shift: Tensor, mix: Tensor) -> Tensor:
+    return shift + mix.reshape(-1) * (x - shift)
+
+
+def _projection(scale: float):
+    def project(inp: Tensor, weight: Tensor, uv: tuple[Tensor, Tensor] | None) -> Tensor:
+        U, V = (None, None) if uv is None else uv
+        return lowrank_linear_ref(inp, weight, None, U, V, scale)
+    return project
+
+
+def time_mix_step_ref(
+    x: Tensor, shift: Tensor, state: Tensor, time_mix_key: Tensor, time_mix_value: Tensor,
+    time_mix_receptance: Tensor, time_decay: Tensor, time_first: Tensor, key_weight: Tensor, value_weight: Tensor,
+    receptance_weight: Tensor, output_weight: Tensor, deltas=None, scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """One decode step of RWKV-4's time mixing (``rwkv4_time_mix_step``) in float64: the
+    token-shift lerps, the projections with dense per-sample weights, one wkv4 step, the
+    receptance gate, the output projection.
+
+    x, shift: (B H); state: (B 3 C); time_mix_*: H elements; time_decay, time_first: (C);
+    key/value/receptance_weight: (C H); output_weight: (H C); deltas: None or 4 entries
+    (key, value, receptance, output), each None or (U (B Dout r), V (B Din r)).
+    Returns (out (B H), state_out (B 3 C)).
+    """
+    d = [None] * 4 if deltas is None else deltas
+    project = _projection(scale)
+    x, shift = x.double(), shift.double()
+    k = project(_lerp(x, shift, time_mix_key.double()), key_weight, d[0])
+    v = project(_lerp(x, shift, time_mix_value.double()), value_weight, d[1])
+    r = project(_lerp(x, shift, time_mix_receptance.double()), receptance_weight, d[2])
+    y, state_out = wkv4_ref(time_decay, time_first, k.unsqueeze(1), v.unsqueeze(1), state)
+    return project(torch.sigmoid(r) * y[:, 0], output_weight, d[3]), state_out
+
+
+def channel_mix_step_ref(
+    x: Tensor, shift: Tensor, time_mix_key: Tensor, time_mix_receptance: Tensor, key_weight: Tensor,
+    receptance_weight: Tensor, value_weight: Tensor, deltas=None, scale: float = 1.0,
+) -> Tensor:
+    """One decode step of RWKV-4's channel mixing (``rwkv4_channel_mix_step``) in
+    float64: sigmoid(W_r xr) * W_v relu(W_k xk)^2 with dense per-sample weights.
+
+    x, shift: (B H); time_mix_*: H elements; key_weight: (F H); receptance_weight: (H H);
+    value_weight: (H F); deltas: None or 3 entries (key, receptance, value), each None or
+    (U (B Dout r), V (B Din r)). Returns out (B H).
+    """
+    d = [None] * 3 if deltas is None else deltas
+    project = _projection(scale)
+    x, shift = x.double(), shift.double()
+    k = torch.relu(project(_lerp(x, shift, time_mix_key.double()), key_weight, d[0])) ** 2
+    return torch.sigmoid(project(_lerp(x, shift, time_mix_receptance.double()), receptance_weight, d[1])) * project(
+        k, value_weight, d[2])

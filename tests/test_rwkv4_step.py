@@ -8,42 +8,11 @@ import pytest
 import torch
 
 import prosg
-from prosg.reference import lowrank_linear_ref, wkv4_ref
+from prosg.reference import channel_mix_step_ref, time_mix_step_ref, wkv4_ref
 from tolerances import assert_close
 
 B, H, C, F = 3, 37, 45, 70  # odd sizes; attention width C != hidden H
 R = 5
-
-
-def _lerp(x, shift, m):
-    return shift + m.reshape(-1) * (x - shift)
-
-
-def time_mix_ref(x, shift, state, mk, mv, mr, td, tf, Wk, Wv, Wr, Wo, deltas, scale):
-    d = [None] * 4 if deltas is None else deltas
-    x, shift = x.double(), shift.double()
-
-    def proj(inp, W, uv):
-        U, V = (None, None) if uv is None else uv
-        return lowrank_linear_ref(inp, W, None, U, V, scale)
-
-    k = proj(_lerp(x, shift, mk.double()), Wk, d[0])
-    v = proj(_lerp(x, shift, mv.double()), Wv, d[1])
-    r = proj(_lerp(x, shift, mr.double()), Wr, d[2])
-    y, state_out = wkv4_ref(td, tf, k.unsqueeze(1), v.unsqueeze(1), state)
-    return proj(torch.sigmoid(r) * y[:, 0], Wo, d[3]), state_out
-
-
-def channel_mix_ref(x, shift, mk, mr, Wk, Wr, Wv, deltas, scale):
-    d = [None] * 3 if deltas is None else deltas
-    x, shift = x.double(), shift.double()
-
-    def proj(inp, W, uv):
-        U, V = (None, None) if uv is None else uv
-        return lowrank_linear_ref(inp, W, None, U, V, scale)
-
-    k = torch.relu(proj(_lerp(x, shift, mk.double()), Wk, d[0])) ** 2
-    return torch.sigmoid(proj(_lerp(x, shift, mr.double()), Wr, d[1])) * proj(k, Wv, d[2])
 
 
 def _delta(dout, din, dtype, device):
@@ -96,7 +65,7 @@ def test_time_mix_step_matches_reference(device, dtype, with_deltas):
     args, deltas = _time_mix_inputs(dtype, device, with_deltas)
     with torch.no_grad():
         out, state = prosg.ops.rwkv4_time_mix_step(*args, deltas=deltas, scale=0.7)
-    ref_out, ref_state = time_mix_ref(*args, deltas, 0.7)
+    ref_out, ref_state = time_mix_step_ref(*args, deltas, 0.7)
     assert out.dtype == dtype and out.shape == (B, H)
     assert state.dtype == args[2].dtype and state.shape == (B, 3, C)
     # The state is float32 whatever the input dtype; the projections feeding it are
@@ -114,7 +83,7 @@ def test_channel_mix_step_matches_reference(device, dtype, with_deltas):
     with torch.no_grad():
         out = prosg.ops.rwkv4_channel_mix_step(*args, deltas=deltas, scale=0.7)
     assert out.dtype == dtype and out.shape == (B, H)
-    assert_close(out, channel_mix_ref(*args, deltas, 0.7), dtype, what="channel-mix output")
+    assert_close(out, channel_mix_step_ref(*args, deltas, 0.7), dtype, what="channel-mix output")
 
 
 def test_time_mix_step_equals_sequence_path_of_the_model():
