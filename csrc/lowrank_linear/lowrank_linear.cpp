@@ -15,8 +15,9 @@ struct Dims {
   bool has_delta;
 };
 
-Dims validate(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-              const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V) {
+Dims validate(const char* op, const LowrankInputs& in) {
+  const at::Tensor &x = in.x, &weight = in.weight;
+  const Opt &bias = in.bias, &U = in.U, &V = in.V;
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, op, ": x must have shape [B, T, Din] or [B, Din], got ",
                     shape_str(x.sizes()));
   check_floating(op, "x", x, /*allow_double=*/x.is_cpu());
@@ -58,11 +59,9 @@ Dims validate(const char* op, const at::Tensor& x, const at::Tensor& weight, con
   return d;
 }
 
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // z = x3 @ V (per sample), z contiguous [B, T, r] in the accumulation type.
 at::Tensor shrink(const at::Tensor& x3, const at::Tensor& V, const Backend& backend) {
-  at::Tensor z = at::empty({x3.size(0), x3.size(1), V.size(2)}, x3.options().dtype(acc_type(x3)));
+  at::Tensor z = at::empty({x3.size(0), x3.size(1), V.size(2)}, x3.options().dtype(acc_type(x3.scalar_type())));
   if (z.numel() == 0) return z;
   if (x3.size(2) == 0) return z.zero_();
   LowrankShrinkParams p{};
@@ -108,10 +107,10 @@ at::Tensor empty_like_nothing(const at::Tensor& x) { return at::empty({0}, x.opt
 
 }  // namespace
 
-at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V, double scale,
-                   const Backend& backend) {
-  const Dims d = validate(kOp, x, weight, bias, U, V);
+at::Tensor forward(const LowrankInputs& in, double scale, const Backend& backend) {
+  const Dims d = validate(kOp, in);
+  const at::Tensor &x = in.x, &weight = in.weight;
+  const Opt &bias = in.bias, &U = in.U, &V = in.V;
   const at::Tensor x3 = x.dim() == 3 ? x : x.unsqueeze(1);
   // The shared projection is ATen's GEMM; its fresh output is what the expand kernel
   // accumulates into, so no [B, T, Dout] temporary exists besides the output.
@@ -124,10 +123,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& U,
-    const std::optional<at::Tensor>& V, double scale, std::array<bool, 5> mask, const Backend& backend) {
+    const at::Tensor& grad_out, const LowrankInputs& in, double scale, std::array<bool, 5> mask,
+    const Backend& backend) {
   constexpr const char* op = "prosg.lowrank_linear_backward";
-  const Dims d = validate(op, x, weight, std::nullopt, U, V);
+  const Dims d = validate(op, {in.x, in.weight, std::nullopt, in.U, in.V});
+  const at::Tensor &x = in.x, &weight = in.weight;
+  const Opt &U = in.U, &V = in.V;
   if (x.dim() == 3) {
     check_shape(op, "grad_out", grad_out, {d.batch, d.seqlen, d.dout});
   } else {
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     if (mask[2]) gb = g2.sum(0);
   }
   if (d.has_delta) {
-    const auto acc = acc_type(x);
+    const auto acc = acc_type(x.scalar_type());
     if (mask[3]) {
       gu = delta ? at::bmm(g3.transpose(1, 2).to(acc), shrink(x3, *V, backend)).mul_(scale).to(x.scalar_type())
                  : at::zeros_like(*U, at::MemoryFormat::Contiguous);

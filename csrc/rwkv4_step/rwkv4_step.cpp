@@ -14,7 +14,7 @@ namespace {
 
 using Opt = std::optional<at::Tensor>;
 
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_type(const at::Tensor& t) { return prosg::acc_type(t.scalar_type()); }
 
 void check_input(const char* op, const at::Tensor& x, const at::Tensor& shift) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [B, H] (one token per sample), got ",
@@ -79,18 +79,17 @@ at::Tensor mix(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& m
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::pair<Opt, Opt>& uv, double scale,
                    const Backend& backend) {
-  return lowrank::forward(x, weight, std::nullopt, uv.first, uv.second, scale, backend.lowrank);
+  return lowrank::forward({x, weight, std::nullopt, uv.first, uv.second}, scale, backend.lowrank);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> time_mix_step(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& wkv_state, const at::Tensor& time_mix_key,
-    const at::Tensor& time_mix_value, const at::Tensor& time_mix_receptance, const at::Tensor& time_decay,
-    const at::Tensor& time_first, const at::Tensor& key_weight, const at::Tensor& value_weight,
-    const at::Tensor& receptance_weight, const at::Tensor& output_weight, const OptList& deltas, double scale,
-    const Backend& backend) {
+std::tuple<at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs& in, double scale, const Backend& backend) {
   constexpr const char* op = "prosg.rwkv4_time_mix_step";
+  const at::Tensor &x = in.x, &shift = in.shift, &wkv_state = in.wkv_state, &time_decay = in.time_decay,
+                   &time_first = in.time_first, &key_weight = in.key_weight, &value_weight = in.value_weight,
+                   &receptance_weight = in.receptance_weight, &output_weight = in.output_weight;
+  const OptList& deltas = in.deltas;
   check_input(op, x, shift);
   const int64_t B = x.size(0), H = x.size(1);
   TORCH_CHECK_VALUE(key_weight.dim() == 2, op, ": key_weight must have shape [C, H=", H, "], got ",
@@ -111,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(
   const auto dk = delta_pair(op, deltas, 0, "key"), dv = delta_pair(op, deltas, 1, "value");
   const auto dr = delta_pair(op, deltas, 2, "receptance"), dout = delta_pair(op, deltas, 3, "output");
   const at::Tensor mixes =
-      stack_mixes(op, {{"time_mix_key", time_mix_key}, {"time_mix_value", time_mix_value},
-                       {"time_mix_receptance", time_mix_receptance}}, x);
+      stack_mixes(op, {{"time_mix_key", in.time_mix_key}, {"time_mix_value", in.time_mix_value},
+                       {"time_mix_receptance", in.time_mix_receptance}}, x);
 
   const at::Tensor xs = mix(x, shift, mixes, backend);  // [3, B, H]: xk, xv, xr
   const at::Tensor k = project(xs[0], key_weight, dk, scale, backend).contiguous();
@@ -141,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor> time_mix_step(
   return {project(gated, output_weight, dout, scale, backend), state_out};
 }
 
-at::Tensor channel_mix_step(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& time_mix_key,
-                            const at::Tensor& time_mix_receptance, const at::Tensor& key_weight,
-                            const at::Tensor& receptance_weight, const at::Tensor& value_weight,
-                            const OptList& deltas, double scale, const Backend& backend) {
+at::Tensor channel_mix_step(const ChannelMixInputs& in, double scale, const Backend& backend) {
   constexpr const char* op = "prosg.rwkv4_channel_mix_step";
+  const at::Tensor &x = in.x, &shift = in.shift, &key_weight = in.key_weight,
+                   &receptance_weight = in.receptance_weight, &value_weight = in.value_weight;
+  const OptList& deltas = in.deltas;
   check_input(op, x, shift);
   const int64_t H = x.size(1);
   TORCH_CHECK_VALUE(key_weight.dim() == 2, op, ": key_weight must have shape [F, H=", H, "], got ",
@@ -158,7 +157,7 @@ at::Tensor channel_mix_step(const at::Tensor& x, const at::Tensor& shift, const 
   const auto dk = delta_pair(op, deltas, 0, "key"), dr = delta_pair(op, deltas, 1, "receptance");
   const auto dv = delta_pair(op, deltas, 2, "value");
   const at::Tensor mixes =
-      stack_mixes(op, {{"time_mix_key", time_mix_key}, {"time_mix_receptance", time_mix_receptance}}, x);
+      stack_mixes(op, {{"time_mix_key", in.time_mix_key}, {"time_mix_receptance", in.time_mix_receptance}}, x);
 
   const at::Tensor xs = mix(x, shift, mixes, backend);  // [2, B, H]: xk, xr
   at::Tensor k = project(xs[0], key_weight, dk, scale, backend);

@@ -14,6 +14,7 @@
 #include "common/torch_utils.h"
 #include "common/cpu_vec.h"
 #include "lowrank_linear/lowrank_linear.h"
+#include "lowrank_linear/lowrank_linear_math.h"
 
 namespace prosg::lowrank {
 namespace {
@@ -72,7 +73,7 @@ void expand_kernel(const LowrankExpandParams& p) {
         pack_transposed(Ut, U + b * p.u_batch_stride, p.u_dim_stride, p.u_rank_stride, D, R);
         packed = b;
       }
-      for (int64_t j = 0; j < R; ++j) coef[j] = static_cast<acc_t>(p.scale) * z[n * R + j];
+      for (int64_t j = 0; j < R; ++j) coef[j] = lowrank_math::expand_coefficient(p.scale, z[n * R + j]);
       scalar_t* yn = y + n * D;
       acc_t* acc = yrow.data();
       if constexpr (std::is_same_v<acc_t, scalar_t>) acc = yn;  // update in place
@@ -80,12 +81,13 @@ void expand_kernel(const LowrankExpandParams& p) {
       int64_t o = 0;
       for (; o + W <= D; o += W) {
         Vec a = Vec::loadu(acc + o);
+        // expand_step as one fused multiply-add per lane (Vectorized's + and * would be two).
         for (int64_t j = 0; j < R; ++j) a = at::vec::fmadd(Vec(coef[j]), Vec::loadu(Ut.data() + j * D + o), a);
         a.store(acc + o);
       }
       for (; o < D; ++o) {
         acc_t a = acc[o];
-        for (int64_t j = 0; j < R; ++j) a += coef[j] * Ut[j * D + o];
+        for (int64_t j = 0; j < R; ++j) a = lowrank_math::expand_step(a, coef[j], Ut[j * D + o]);
         acc[o] = a;
       }
       if constexpr (!std::is_same_v<acc_t, scalar_t>) {
@@ -107,24 +109,13 @@ void expand_cpu(const LowrankExpandParams& p) {
 
 constexpr Backend kCpu{&shrink_cpu, &expand_cpu};
 
-at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& V, double scale) {
-  return forward(x, weight, bias, U, V, scale, kCpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& U,
-    const std::optional<at::Tensor>& V, double scale, std::array<bool, 5> mask) {
-  return backward(grad_out, x, weight, U, V, scale, mask, kCpu);
-}
-
 }  // namespace
 
 const Backend& cpu_backend() { return kCpu; }
 
 TORCH_LIBRARY_IMPL(prosg, CPU, m) {
-  m.impl("lowrank_linear", &lowrank_linear_cpu);
-  m.impl("lowrank_linear_backward", &lowrank_linear_backward_cpu);
+  m.impl("lowrank_linear", &forward_op<kCpu>);
+  m.impl("lowrank_linear_backward", &backward_op<kCpu>);
 }
 
 }  // namespace prosg::lowrank

@@ -9,6 +9,7 @@
 // them, each block striding over the rest.
 #include "common/cuda_types.cuh"
 #include "lowrank_linear/cuda/lowrank_linear_launch.h"
+#include "lowrank_linear/lowrank_linear_math.h"
 
 namespace prosg::cuda {
 namespace {
@@ -60,10 +61,12 @@ __global__ void __launch_bounds__(kExpandThreads) expand_kernel(LowrankExpandPar
   for (long long o = static_cast<long long>(blockIdx.y) * kExpandThreads + threadIdx.x; o < p.dim;
        o += static_cast<long long>(gridDim.y) * kExpandThreads) {
     const T* U = static_cast<const T*>(p.U) + b * p.u_batch_stride + o * p.u_dim_stride;
-    float acc = 0.f;
-    for (long long j = 0; j < p.rank; ++j) acc += z[j] * to_float(U[j * p.u_rank_stride]);
     T* y = static_cast<T*>(p.y) + n * p.dim + o;
-    *y = from_float<T>(to_float(*y) + static_cast<float>(p.scale) * acc);
+    float acc = to_float(*y);
+    for (long long j = 0; j < p.rank; ++j)
+      acc = lowrank_math::expand_step(acc, lowrank_math::expand_coefficient(p.scale, z[j]),
+                                      to_float(U[j * p.u_rank_stride]));
+    *y = from_float<T>(acc);
   }
 }
 

@@ -4,7 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "lowrank_linear/lowrank_params.h"
+#include "lowrank_linear/lowrank_linear_params.h"
 
 namespace prosg::cuda {
 

@@ -68,30 +68,15 @@ void gate_cpu(const Rwkv4GateParams& p) {
   });
 }
 
-Backend cpu() { return Backend{&mix_cpu, &gate_cpu, lowrank::cpu_backend()}; }
-
-std::tuple<at::Tensor, at::Tensor> time_mix_step_cpu(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& wkv_state, const at::Tensor& time_mix_key,
-    const at::Tensor& time_mix_value, const at::Tensor& time_mix_receptance, const at::Tensor& time_decay,
-    const at::Tensor& time_first, const at::Tensor& key_weight, const at::Tensor& value_weight,
-    const at::Tensor& receptance_weight, const at::Tensor& output_weight, const OptList& deltas, double scale) {
-  return time_mix_step(x, shift, wkv_state, time_mix_key, time_mix_value, time_mix_receptance, time_decay,
-                       time_first, key_weight, value_weight, receptance_weight, output_weight, deltas, scale, cpu());
-}
-
-at::Tensor channel_mix_step_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& time_mix_key,
-                                const at::Tensor& time_mix_receptance, const at::Tensor& key_weight,
-                                const at::Tensor& receptance_weight, const at::Tensor& value_weight,
-                                const OptList& deltas, double scale) {
-  return channel_mix_step(x, shift, time_mix_key, time_mix_receptance, key_weight, receptance_weight, value_weight,
-                          deltas, scale, cpu());
-}
+// Not constexpr: it refers to lowrank_linear's backend, defined in another file
+// (constant-initialised there, so it is ready before this one).
+const Backend kCpu{&mix_cpu, &gate_cpu, lowrank::cpu_backend()};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prosg, CPU, m) {
-  m.impl("rwkv4_time_mix_step", &time_mix_step_cpu);
-  m.impl("rwkv4_channel_mix_step", &channel_mix_step_cpu);
+  m.impl("rwkv4_time_mix_step", &time_mix_step_op<kCpu>);
+  m.impl("rwkv4_channel_mix_step", &channel_mix_step_op<kCpu>);
 }
 
 }  // namespace prosg::rwkv4_step

@@ -38,8 +38,8 @@ MUTANTS = (
     Mutant(
         "off-by-one read (expand reads rank + 1 entries of z and U)",
         "csrc/lowrank_linear/cuda/lowrank_linear_kernels.cu",
-        "for (long long j = 0; j < p.rank; ++j) acc += z[j]",
-        "for (long long j = 0; j <= p.rank; ++j) acc += z[j]",
+        "for (long long j = 0; j < p.rank; ++j)\n      acc = lowrank_math::expand_step",
+        "for (long long j = 0; j <= p.rank; ++j)\n      acc = lowrank_math::expand_step",
         ("lowrank_shrink_expand",),
     ),
     Mutant(

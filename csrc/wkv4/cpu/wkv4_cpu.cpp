@@ -349,26 +349,11 @@ void backward_cpu(const Wkv4Params& p) {
 
 constexpr Backend kCpu{&forward_cpu, &backward_cpu};
 
-std::tuple<at::Tensor, at::Tensor> wkv4_cpu(const at::Tensor& time_decay, const at::Tensor& time_first,
-                                            const at::Tensor& key, const at::Tensor& value, const Opt& state,
-                                            const Opt& key_z, const Opt& key_u, const Opt& value_z,
-                                            const Opt& value_u) {
-  return forward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, kCpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward_cpu(
-    const at::Tensor& time_decay, const at::Tensor& time_first, const at::Tensor& key, const at::Tensor& value,
-    const Opt& state, const Opt& key_z, const Opt& key_u, const Opt& value_z, const Opt& value_u,
-    const at::Tensor& grad_out, const at::Tensor& grad_state_out) {
-  return backward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, grad_out,
-                  grad_state_out, kCpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prosg, CPU, m) {
-  m.impl("wkv4", &wkv4_cpu);
-  m.impl("wkv4_backward", &wkv4_backward_cpu);
+  m.impl("wkv4", &forward_op<kCpu>);
+  m.impl("wkv4_backward", &backward_op<kCpu>);
 }
 
 }  // namespace prosg::wkv4

@@ -1,7 +1,6 @@
 // CUDA registration of wkv4: the shared host code (wkv4.cpp) with the CUDA kernels,
 // run on the current stream of the inputs' device, workspaces from torch's allocator.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -31,34 +30,11 @@ void backward_cuda(const Wkv4Params& p) {
 
 constexpr Backend kCuda{&forward_cuda, &backward_cuda};
 
-std::tuple<at::Tensor, at::Tensor> wkv4_cuda(const at::Tensor& time_decay, const at::Tensor& time_first,
-                                             const at::Tensor& key, const at::Tensor& value, const Opt& state,
-                                             const Opt& key_z, const Opt& key_u, const Opt& value_z,
-                                             const Opt& value_u) {
-  // The dispatcher picks these kernels when any argument is on CUDA, whether key is
-  // or not. CUDAGuard(key.device()) would then fail an internal assert for a CPU key
-  // before the argument check that names the misplaced tensor, so the device guard is
-  // set only for a CUDA key and validation reports the device mix (as lowrank_linear).
-  c10::cuda::OptionalCUDAGuard guard;
-  if (key.is_cuda()) guard.set_device(key.device());
-  return forward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, kCuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward_cuda(
-    const at::Tensor& time_decay, const at::Tensor& time_first, const at::Tensor& key, const at::Tensor& value,
-    const Opt& state, const Opt& key_z, const Opt& key_u, const Opt& value_z, const Opt& value_u,
-    const at::Tensor& grad_out, const at::Tensor& grad_state_out) {
-  c10::cuda::OptionalCUDAGuard guard;  // see wkv4_cuda
-  if (key.is_cuda()) guard.set_device(key.device());
-  return backward(time_decay, time_first, key, value, state, key_z, key_u, value_z, value_u, grad_out,
-                  grad_state_out, kCuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prosg, CUDA, m) {
-  m.impl("wkv4", &wkv4_cuda);
-  m.impl("wkv4_backward", &wkv4_backward_cuda);
+  m.impl("wkv4", &forward_op<kCuda>);
+  m.impl("wkv4_backward", &backward_op<kCuda>);
 }
 
 }  // namespace prosg::wkv4
