@@ -35,8 +35,11 @@ run_one() {
   if [[ -f "$dir/eval/report.json" ]]; then echo "$name: done already"; return; fi
   local t0=$SECONDS
   # shellcheck disable=SC2086
-  prosg train --out "$dir" --steps "$STEPS" --no-progress $flags > "$dir.train.log" 2>&1
-  prosg eval --generator "$dir/generator.safetensors" --out "$dir/eval" --methods baseline,prosg \
+  # A run killed before its evaluation resumes from its checkpoint; one with none starts over.
+  local again=--overwrite
+  if [[ -f "$dir/checkpoint.safetensors" ]]; then again=--resume; fi
+  prosg train --out "$dir" --steps "$STEPS" --no-progress $again $flags > "$dir.train.log" 2>&1
+  prosg eval --generator "$dir/generator.safetensors" --out "$dir/eval" --overwrite --methods baseline,prosg \
     --n 200 --seeds 1,2,3 --no-progress > "$dir.eval.log" 2>&1
   echo "$((SECONDS - t0))" > "$dir/seconds"
   echo "$name: $((SECONDS - t0)) s"

@@ -1,19 +1,70 @@
-"""Command-line entry points of the method (``prosg pretrain|train|eval|demo``)."""
+"""Command-line entry points of the method (``prosg pretrain|train|eval|demo``).
+
+Errors (see :func:`prosg.__main__.main`): an option that is wrong on its own is
+refused by argparse (usage, status 2); one wrong with the others, or an empty
+selection, raises :class:`CLIError` (status 2) before anything is loaded or created;
+what fails later (a missing file, an existing run, a diverged training) is reported
+as one line with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 from pathlib import Path
+
+
+class CLIError(SystemExit):
+    """An error ``prosg`` reports as one line, exiting with ``status`` (2: usage, 1:
+    runtime). A SystemExit whose ``str`` is the message, so that in-process callers see
+    the message, not just the status."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.code = status
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """The ValueErrors of building configs from options are usage errors."""
+    try:
+        yield
+    except ValueError as e:
+        raise CLIError(str(e), 2) from e
+
+
+def _number(kind: type, low: float | None = None, *, above: bool = False):
+    """An argparse ``type``: ``kind`` (int or a finite float), >= ``low`` (> with ``above``)."""
+    what = "an integer" if kind is int else "a number"
+    bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}{bound}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if above else value < low)):
+            raise argparse.ArgumentTypeError(f"expected {'a finite number' if kind is float else what}{bound}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1)
+nonneg_int = _number(int, 0)
+positive_float = _number(float, 0, above=True)
+nonneg_float = _number(float, 0)
+finite_float = _number(float)
 
 
 def _load_base(path: str | None):
     """The frozen base model and the benchmark config it was trained on (None when
     unknown): a directory written by ``prosg pretrain`` (or any transformers-layout
     RWKV-4 checkpoint), or (None) the tiny base model bundled with prosg."""
-    from pathlib import Path
-
     from prosg.models import RWKV4LM
 
     try:
@@ -21,14 +72,16 @@ def _load_base(path: str | None):
     except ImportError:
         load_base_model, TRAIN_CONFIG_FILE = None, None
     if path and (load_base_model is None or not (Path(path) / TRAIN_CONFIG_FILE).is_file()):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--base {path}: no such model directory")
         return RWKV4LM.from_pretrained(path), None
     if load_base_model is None:
-        raise SystemExit("prosg: no --base given and the bundled base model is not available in this install")
+        raise CLIError("no --base given and the bundled base model is not available in this install", 1)
     return load_base_model(path)
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=nonneg_int, default=1,
                    help="torch CPU threads (default 1: a tiny model's ops are too small to split, and on a "
                         "shared machine threads waiting on each other run several times slower; 0: leave torch's setting)")
 
@@ -42,17 +95,26 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark data (docs/benchmark.md)")
-    g.add_argument("--min-stages", type=int, default=None, help="fewest stages per prompt")
-    g.add_argument("--max-stages", type=int, default=None, help="most stages per prompt")
-    g.add_argument("--stage-length", type=int, default=None, help="tokens per instruction span")
-    g.add_argument("--ramble-length", type=int, default=None, help="tokens of a ramble span")
-    g.add_argument("--num-letters", type=int, default=None, help="letters drawn for patterns")
+    g.add_argument("--min-stages", type=positive_int, default=None, help="fewest stages per prompt")
+    g.add_argument("--max-stages", type=positive_int, default=None, help="most stages per prompt")
+    g.add_argument("--stage-length", type=positive_int, default=None, help="tokens per instruction span")
+    g.add_argument("--ramble-length", type=positive_int, default=None, help="tokens of a ramble span")
+    g.add_argument("--num-letters", type=positive_int, default=None, help="letters drawn for patterns")
     g.add_argument("--tag-stages", action="store_true", default=None, help="the tagged variant")
 
 
 def _data_fields(args: argparse.Namespace) -> dict:
     names = ("min_stages", "max_stages", "stage_length", "ramble_length", "num_letters", "tag_stages")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _benchmark(base: dict, args: argparse.Namespace):
+    """The benchmark of ``base``'s fields with the flags' overrides (validated: a
+    usage error when they do not fit together)."""
+    from prosg.data import MultiStageConfig
+
+    with usage_errors():
+        return MultiStageConfig.from_dict({**base, **_data_fields(args)})
 
 
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
@@ -62,15 +124,16 @@ def _add_generator_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generator (docs/method.md)")
     g.add_argument("--targets", default=",".join(d.targets),
                    help="comma-separated module names or patterns (default: %(default)s)")
-    g.add_argument("--rank", type=int, default=d.rank, help="rank r of every delta (default: %(default)s)")
-    g.add_argument("--scale", type=float, default=d.scale)
-    g.add_argument("--hidden-size", type=int, default=d.hidden_size, help="generator width (default: %(default)s)")
+    g.add_argument("--rank", type=positive_int, default=d.rank, help="rank r of every delta (default: %(default)s)")
+    g.add_argument("--scale", type=finite_float, default=d.scale)
+    g.add_argument("--hidden-size", type=positive_int, default=d.hidden_size,
+                   help="generator width (default: %(default)s)")
     g.add_argument("--input-mode", choices=("shared", "true", "learned"), default=d.input_mode,
                    help="where V comes from (default: %(default)s)")
     g.add_argument("--features", choices=("all", "layer"), default=d.features,
                    help="what the heads read (default: %(default)s)")
-    g.add_argument("--depth", type=int, default=d.depth, help="trunk layers (default: %(default)s)")
-    g.add_argument("--encoder-layers", type=int, default=d.encoder_layers,
+    g.add_argument("--depth", type=positive_int, default=d.depth, help="trunk layers (default: %(default)s)")
+    g.add_argument("--encoder-layers", type=nonneg_int, default=d.encoder_layers,
                    help="bidirectional encoder layers over the prompt (default: %(default)s)")
     g.add_argument("--copy-tokens", action=argparse.BooleanOptionalAction, default=d.copy_tokens,
                    help="the head-row term of residual-stream targets (default: %(default)s)")
@@ -80,37 +143,74 @@ def _add_generator_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generator_fields(args: argparse.Namespace) -> dict:
-    return {"targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "rank": args.rank,
-            "scale": args.scale, "hidden_size": args.hidden_size, "input_mode": args.input_mode,
-            "features": args.features, "depth": args.depth, "encoder_layers": args.encoder_layers,
-            "copy_tokens": args.copy_tokens}
+    """The generator's config fields, validated (before anything is loaded)."""
+    from prosg.method.generator import GeneratorConfig
+
+    targets = _names(args.targets, "--targets")
+    fields = {"targets": targets, "rank": args.rank, "scale": args.scale, "hidden_size": args.hidden_size,
+              "input_mode": args.input_mode, "features": args.features, "depth": args.depth,
+              "encoder_layers": args.encoder_layers, "copy_tokens": args.copy_tokens}
+    with usage_errors():
+        GeneratorConfig.from_dict(fields)
+    return fields
 
 
-def _seeds(text: str) -> list[int]:
+def _names(text: str, option: str) -> tuple[str, ...]:
+    """A comma-separated list of one or more distinct names."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise CLIError(f"{option} must name at least one entry, got {text!r}")
+    if len(set(names)) != len(names):
+        raise CLIError(f"{option} names one more than once: {text!r}")
+    return names
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from prosg.method.demo import METHODS
+
+    methods = _names(text, "--methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CLIError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _seeds(text: str, option: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"prosg: seeds must be comma-separated integers, got {text!r}") from None
+        raise CLIError(f"{option}: seeds must be comma-separated integers, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"prosg: seeds must be one or more distinct integers, got {text!r}")
+        raise CLIError(f"{option}: seeds must be one or more distinct integers, got {text!r}")
     return seeds
 
 
-def _train(args: argparse.Namespace) -> int:
-    _set_threads(args)
-    from prosg.method.train import TrainConfig, train
+def _refuse_report(out: Path, args: argparse.Namespace) -> None:
+    from prosg.method.demo import REPORT_FILES
+    from prosg.method.outputs import refuse_existing
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not args.overwrite:
+        refuse_existing(out, REPORT_FILES, "a report", "--overwrite to replace it")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from prosg.method.train import TrainConfig, refuse_run_dir, train
+
     generator = _generator_fields(args)
+    refuse_run_dir(args.out, args.resume, args.overwrite)
+    _set_threads(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, benchmark = _load_base(args.base)
     # The base model's own benchmark is the default task; flags override its fields.
     data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.seed,
-                         data_seed=args.data_seed, data=data, generator=generator, filler_loss=args.filler_loss)
-    device = args.device or None
-    result = train(model, config, args.out, resume=args.resume, device=device, save_every=args.save_every,
-                   log_every=args.log_every, progress=not args.no_progress)
+    _benchmark(data, args)
+    with usage_errors():
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                             grad_clip=args.grad_clip, seed=args.seed, data_seed=args.data_seed, data=data,
+                             generator=generator, filler_loss=args.filler_loss)
+    result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device or None,
+                   save_every=args.save_every, log_every=args.log_every, progress=not args.no_progress)
     hist = result["history"]
     if hist:
         print(f"trained {result['final_step']} steps: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
@@ -119,73 +219,94 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    methods = _methods(args.methods)
+    seeds = _seeds(args.seeds, "--seeds")
+    if "prosg" in methods and not args.generator:
+        raise CLIError("eval: method 'prosg' needs --generator (or drop it from --methods)")
+    if args.generator and not Path(args.generator).is_file():
+        raise FileNotFoundError(f"--generator {args.generator}: no such file")
+    out = Path(args.out)
+    _refuse_report(out, args)
     _set_threads(args)
     from prosg.method.demo import run_seeds, write_report
-    from prosg.method.train import load_generator, read_checkpoint
+    from prosg.method.outputs import locked
+    from prosg.method.train import generator_from_checkpoint, read_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, benchmark = _load_base(args.base)
     model = model.to(args.device or "cpu")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     generator = None
     data = benchmark.to_dict() if benchmark is not None else {}
     if args.generator:
-        generator = load_generator(args.generator, model)
+        tensors, meta = read_checkpoint(args.generator)
+        generator = generator_from_checkpoint(tensors, meta, model, args.generator)
         # evaluate on the task the generator was trained on (flags override it)
-        data = json.loads(read_checkpoint(args.generator)[1]["train_config"])["data"] or data
-    elif "prosg" in methods:
-        raise SystemExit("prosg eval: method 'prosg' needs --generator (or drop it from --methods)")
-    from prosg.data import MultiStageConfig
-
-    bench = MultiStageConfig.from_dict({**data, **_data_fields(args)})
-    seeds = _seeds(args.seeds)
-    results, per_seed = run_seeds(model, bench, seeds, args.n, generator, methods, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
-    write_report(args.out, results, {"base_model": args.base or "bundled", "generator": args.generator,
-                                     "examples_per_seed": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
-                 per_seed)
-    print((Path(args.out) / "report.md").read_text())
+        data = json.loads(meta["train_config"])["data"] or data
+    bench = _benchmark(data, args)
+    with locked(out):
+        _refuse_report(out, args)  # again, now that no other process can write one
+        results, per_seed = run_seeds(model, bench, seeds, args.n, generator, methods, batch_size=args.batch_size,
+                                      progress=not args.no_progress)
+        write_report(out, results, {"base_model": args.base or "bundled", "generator": args.generator,
+                                    "examples_per_seed": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
+                     per_seed)
+    print((out / "report.md").read_text())
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    seeds = _seeds(args.test_seeds, "--test-seeds")
+    if 0 in seeds:
+        raise CLIError("demo: --test-seeds must not include 0, the training seed")
+    generator = _generator_fields(args)
+    out = Path(args.out)
+    _refuse_report(out, args)
+    from prosg.method.train import refuse_run_dir
+
+    refuse_run_dir(out / "generator", args.resume, args.overwrite)
     _set_threads(args)
     import time
 
     from prosg.method.demo import run_seeds, write_report
+    from prosg.method.outputs import locked
     from prosg.method.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
     model, benchmark = _load_base(args.base)
-    from prosg.data import MultiStageConfig
-
     # the base model's own task (flags override its fields)
-    benchmark = MultiStageConfig.from_dict({**(benchmark.to_dict() if benchmark is not None else {}),
-                                            **_data_fields(args)})
+    benchmark = _benchmark(benchmark.to_dict() if benchmark is not None else {}, args)
     steps = args.steps if args.steps is not None else (300 if args.quick else 2000)
     n = args.n if args.n is not None else (64 if args.quick else 200)
-    seeds = _seeds(args.test_seeds)
-    if 0 in seeds:
-        raise SystemExit("prosg demo: --test-seeds must not include 0, the training seed")
-    config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
-                         seed=args.seed, data_seed=0, data=benchmark.to_dict(), generator=_generator_fields(args),
-                         filler_loss=args.filler_loss)
-    out = Path(args.out)
-    result = train(model, config, out / "generator", resume=args.resume, device=args.device,
-                   save_every=max(steps // 4, 1), log_every=max(steps // 20, 1), progress=not args.no_progress)
-    train_s = time.perf_counter() - t0
-    results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], batch_size=32,
-                                  progress=not args.no_progress)
-    hist = result["history"]
-    info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
-            "examples_per_seed": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
-            "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
-                      "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
-            "seconds": round(time.perf_counter() - t0, 1)}
-    write_report(out, results, info, per_seed)
+    with usage_errors():
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
+                             seed=args.seed, data_seed=0, data=benchmark.to_dict(), generator=generator,
+                             filler_loss=args.filler_loss)
+    with locked(out):
+        _refuse_report(out, args)
+        result = train(model, config, out / "generator", resume=args.resume, overwrite=args.overwrite,
+                       device=args.device, save_every=max(steps // 4, 1), log_every=max(steps // 20, 1),
+                       progress=not args.no_progress)
+        train_s = time.perf_counter() - t0
+        results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], batch_size=32,
+                                      progress=not args.no_progress)
+        hist = result["history"]
+        info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
+                "examples_per_seed": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
+                "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
+                          "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
+                "seconds": round(time.perf_counter() - t0, 1)}
+        write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
     return 0
+
+
+def add_replace_args(p: argparse.ArgumentParser, resume_help: str | None = None) -> None:
+    """``--overwrite`` (and, with ``resume_help``, ``--resume``, which excludes it)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace what an earlier run left in OUT (default: refuse)")
+    if resume_help:
+        g.add_argument("--resume", action="store_true", help=resume_help)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -197,19 +318,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "several GPUs (DistributedDataParallel).")
     p.add_argument("--base", default=None, help="base model directory (transformers layout); default: the bundled one")
     p.add_argument("--out", required=True, help="output directory (checkpoint, generator, log)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    add_replace_args(p, "continue from OUT/checkpoint.safetensors if present")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
+    p.add_argument("--lr", type=positive_float, default=1e-2)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.01)
+    p.add_argument("--warmup-steps", type=nonneg_int, default=20)
+    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--seed", type=int, default=0, help="generator initialisation")
     p.add_argument("--data-seed", type=int, default=0, help="benchmark seed of the training examples")
     _add_generator_args(p)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=positive_int, default=100)
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_threads_arg(p)
     _add_data_args(p)
@@ -221,12 +342,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--base", default=None, help="base model directory; default: the bundled one")
     e.add_argument("--generator", default=None, help="a trained generator (OUT/generator.safetensors of prosg train)")
     e.add_argument("--out", required=True, help="report directory")
+    add_replace_args(e)
     e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
-    e.add_argument("--n", type=int, default=200, help="held-out examples per seed")
+    e.add_argument("--n", type=positive_int, default=200, help="held-out examples per seed")
     e.add_argument("--seeds", default="1,2,3",
                    help="benchmark seeds of the held-out examples, n each; the report gives the mean and spread "
                         "over them (default: %(default)s; prosg train uses seed 0)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=positive_int, default=32)
     e.add_argument("--device", default=None)
     e.add_argument("--no-progress", action="store_true")
     _add_threads_arg(e)
@@ -240,16 +362,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="300 steps and 3 x 64 held-out prompts (about a minute on one thread)")
     d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 2000; --quick 300)")
-    d.add_argument("--n", type=int, default=None, help="held-out examples per seed (default 200; --quick 64)")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--lr", type=float, default=1e-2)
+    d.add_argument("--steps", type=positive_int, default=None, help="training steps (default 2000; --quick 300)")
+    d.add_argument("--n", type=positive_int, default=None, help="held-out examples per seed (default 200; --quick 64)")
+    d.add_argument("--batch-size", type=positive_int, default=16)
+    d.add_argument("--lr", type=positive_float, default=1e-2)
     _add_generator_args(d)
     d.add_argument("--seed", type=int, default=0, help="generator initialisation")
     d.add_argument("--test-seeds", default="1,2,3",
                    help="benchmark seeds of the held-out prompts, n each (default: %(default)s; training uses seed 0)")
     d.add_argument("--device", default=None)
-    d.add_argument("--resume", action="store_true", help="continue an interrupted demo's training")
+    add_replace_args(d, "continue an interrupted demo's training")
     d.add_argument("--no-progress", action="store_true")
     _add_threads_arg(d)
     _add_data_args(d)

@@ -26,11 +26,14 @@ import torch
 from prosg.data import Example, MultiStageConfig, generate_examples
 from prosg.method.evaluation import EvalResult, aggregate, evaluate, format_result, repeat_prompt
 from prosg.method.generator import SyntheticGradientGenerator
+from prosg.method.outputs import atomic_write, atomic_write_text
 from prosg.models import RWKV4LM
 
 log = logging.getLogger("prosg.demo")
 
 METHODS = ("baseline", "repeat_prompt", "prosg")
+#: What :func:`write_report` writes: their presence means the folder holds a report.
+REPORT_FILES = ("report.json", "report.md", "forgetting.png")
 
 
 def prosg_delta_fn(model: RWKV4LM, generator: SyntheticGradientGenerator):
@@ -47,6 +50,10 @@ def run_methods(model: RWKV4LM, examples: list[Example], generator: SyntheticGra
                 methods: tuple[str, ...] = METHODS, *, batch_size: int = 32,
                 progress: bool = False) -> dict[str, EvalResult]:
     """Each method's :class:`EvalResult` on ``examples``."""
+    if not methods:
+        raise ValueError(f"no method to evaluate; choose from {list(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {list(methods)} name one more than once")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -75,6 +82,8 @@ def run_seeds(model: RWKV4LM, benchmark: MultiStageConfig, seeds: list[int], n: 
     same prompts for every method): the results pooled over the seeds, and per seed."""
     if not seeds:
         raise ValueError("run_seeds: at least one seed is needed")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"run_seeds: n (examples per seed) must be an int >= 1, got {n!r}")
     per_seed = {seed: run_methods(model, held_out(benchmark, n, seed), generator, methods,
                                   batch_size=batch_size, progress=progress) for seed in seeds}
     pooled = {m: aggregate([r for seed in seeds for r in per_seed[seed][m].records]) for m in methods}
@@ -116,7 +125,9 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
     """Writes ``report.json`` (``methods.<name>.{overall,by_stage,last_stage,by_distance,
     by_op}`` plus ``info``; with ``per_seed``, also ``methods.<name>.seeds`` (each seed's
     summary) and ``methods.<name>.spread`` (mean and std over seeds)), ``report.md`` and
-    ``forgetting.png``; returns the JSON."""
+    ``forgetting.png``, each atomically; returns the JSON."""
+    if not results:
+        raise ValueError("write_report: no results to report")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {**info, "methods": {name: r.summary() for name, r in results.items()}}
@@ -126,9 +137,7 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
                                                             if k in ("overall", "by_stage", "last_stage")}
                                                 for seed, r in per_seed.items()}
             report["methods"][name]["spread"] = spread(per_seed, name)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     names = list(results)
     stages = max((len(r.by_stage) for r in results.values()), default=0)
@@ -169,9 +178,9 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
         lines.append(f"| {name} | {_pct(r.overall['accuracy'])} | " + " | ".join(cells) + " |")
     for name in names:
         lines += ["", f"## {name}", "", "```", format_result(results[name]), "```"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     spreads = {name: report["methods"][name]["spread"] for name in names} if per_seed and len(per_seed) > 1 else None
-    plot_forgetting(results, out / "forgetting.png", spreads)
+    atomic_write(out / "forgetting.png", lambda tmp: plot_forgetting(results, tmp, spreads))
     return report
 
 

@@ -227,6 +227,8 @@ def evaluate(model: RWKV4LM, examples: Sequence[Example], *, delta_fn: DeltaFn |
         raise ValueError(f"evaluate: the model's vocab_size is {model.config.vocab_size}, "
                          f"smaller than the benchmark's {tok.vocab_size}")
     examples = list(examples)
+    if not examples:
+        raise ValueError("evaluate: no examples (an empty evaluation scores nothing)")
     texts = [prompt_fn(e) if prompt_fn is not None else e.prompt for e in examples]
     prompts = [tok.encode(t) for t in texts]
     # Reference response length (tokens): each span and its closing '|' / tag / <eos>,

@@ -22,6 +22,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ import torch.nn.functional as F
 from prosg.data.batching import IGNORE_INDEX, Collator
 from prosg.data.multistage import MultiStageConfig, encode_example, generate_examples
 from prosg.data.vocab import benchmark_tokenizer
+from prosg.method.outputs import atomic_write_text, locked, refuse_existing
+from prosg.method.train import TrainingDiverged, nonfinite
 from prosg.models import RWKV4Config, RWKV4LM
 
 #: The benchmark config the bundled base model is trained and evaluated on. Short
@@ -44,6 +48,8 @@ BASE_BENCHMARK = MultiStageConfig(min_stages=3, max_stages=4, stage_length=12, r
 
 ASSET_DIR = "base_model"
 TRAIN_CONFIG_FILE = "train_config.json"
+#: What :func:`save_base_model` writes: their presence means the folder holds a model.
+MODEL_FILES = ("config.json", "model.safetensors", TRAIN_CONFIG_FILE)
 
 
 @dataclass
@@ -239,12 +245,17 @@ def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list
                 group["lr"] = lr_at(step, cfg)
             batch = training_batch(cfg, step, collator)
             loss = lm_loss(model, batch, cfg.bptt)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                raise TrainingDiverged(f"pretraining diverged at step {step + 1}: loss {loss.item():.4g}, gradient "
+                                       f"norm {grad_norm.item():.4g} (lr {lr_at(step, cfg):.3g}); try a lower --lr")
             opt.step()
+            bad = nonfinite(model.named_parameters())
+            if bad:
+                raise TrainingDiverged(f"pretraining diverged at step {step + 1}: the update made {bad[:3]} "
+                                       f"non-finite (lr {lr_at(step, cfg):.3g}); try a lower --lr")
             value = loss.item()
             if history is not None:
                 history.append((step, value))
@@ -265,13 +276,22 @@ def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list
 
 
 def save_base_model(model: RWKV4LM, cfg: PretrainConfig, out: str | Path, *, extra: dict | None = None) -> Path:
-    """Writes ``config.json``, ``model.safetensors`` and ``train_config.json`` to ``out``."""
+    """Writes ``config.json``, ``model.safetensors`` and ``train_config.json`` to
+    ``out``, each file atomically."""
     out = Path(out)
-    model.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # save_pretrained writes in place: write into a scratch folder, then rename each file over
+    tmp = out / f".save.tmp{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     record = {"pretrain_config": cfg.to_dict(),
               "command": f"prosg pretrain --seed {cfg.seed} --out {out.name}"}
     record.update(extra or {})
-    (out / TRAIN_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -322,9 +342,26 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(**kw)
 
 
+def _refuse_model_dir(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if not args.overwrite:
+        steps = sorted(p.name for p in out.glob("step*") if p.is_dir()) if out.is_dir() else []
+        refuse_existing(out, [*MODEL_FILES, *steps], "a pretrained model", "--overwrite to replace it")
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
     """``prosg pretrain``: train, save, and (unless ``--eval 0``) report held-out compliance."""
-    cfg = config_from_args(args)
+    from prosg.method.cli import usage_errors
+
+    with usage_errors():
+        cfg = config_from_args(args)
+    _refuse_model_dir(args)
+    with locked(args.out):
+        _refuse_model_dir(args)  # again, now that no other process can write one
+        return _run_pretrain(args, cfg)
+
+
+def _run_pretrain(args: argparse.Namespace, cfg: PretrainConfig) -> int:
     print(json.dumps(cfg.to_dict(), sort_keys=True), file=sys.stderr)
     history: list = []
     start = time.perf_counter()
@@ -359,28 +396,35 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``prosg pretrain`` (its ``func`` is :func:`run_pretrain`)."""
+    from prosg.method.cli import add_replace_args, nonneg_int, positive_float, positive_int
+
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="train the tiny RWKV-4 base model of the forgetting benchmark",
                        description="Train a tiny RWKV-4 from scratch on the multi-stage benchmark "
                                    "(defaults: the bundled base model; see docs/base_model.md).")
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, train_config.json")
-    p.add_argument("--seed", type=int, default=None, help=f"torch seed of the initialisation (default {d.seed})")
-    p.add_argument("--data-seed", type=int, default=None, help="benchmark seed of the training stream (default: --seed)")
-    p.add_argument("--hidden-size", type=int, default=None, help=f"default {d.hidden_size}")
-    p.add_argument("--num-layers", type=int, default=None, help=f"default {d.num_layers}")
-    p.add_argument("--steps", type=int, default=None, help=f"default {d.steps}")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
-    p.add_argument("--bptt", type=int, default=None, help=f"truncated BPTT chunk, tokens (default {d.bptt}; 0: full)")
-    p.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default {d.threads}; 0: torch's setting)")
+    add_replace_args(p)
+    p.add_argument("--seed", type=nonneg_int, default=None, help=f"torch seed of the initialisation (default {d.seed})")
+    p.add_argument("--data-seed", type=nonneg_int, default=None,
+                   help="benchmark seed of the training stream (default: --seed)")
+    p.add_argument("--hidden-size", type=positive_int, default=None, help=f"default {d.hidden_size}")
+    p.add_argument("--num-layers", type=positive_int, default=None, help=f"default {d.num_layers}")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"default {d.steps}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr}")
+    p.add_argument("--bptt", type=nonneg_int, default=None,
+                   help=f"truncated BPTT chunk, tokens (default {d.bptt}; 0: full)")
+    p.add_argument("--threads", type=nonneg_int, default=None,
+                   help=f"torch CPU threads (default {d.threads}; 0: torch's setting)")
     b = BASE_BENCHMARK
-    p.add_argument("--min-stages", type=int, default=None, help=f"default {b.min_stages}")
-    p.add_argument("--max-stages", type=int, default=None, help=f"default {b.max_stages}")
-    p.add_argument("--stage-length", type=int, default=None, help=f"default {b.stage_length}")
-    p.add_argument("--ramble-length", type=int, default=None, help=f"default {b.ramble_length}")
-    p.add_argument("--eval", type=int, default=256, help="held-out examples scored after training (0: none)")
+    p.add_argument("--min-stages", type=positive_int, default=None, help=f"default {b.min_stages}")
+    p.add_argument("--max-stages", type=positive_int, default=None, help=f"default {b.max_stages}")
+    p.add_argument("--stage-length", type=positive_int, default=None, help=f"default {b.stage_length}")
+    p.add_argument("--ramble-length", type=positive_int, default=None, help=f"default {b.ramble_length}")
+    p.add_argument("--eval", type=nonneg_int, default=256, help="held-out examples scored after training (0: none)")
     p.add_argument("--eval-seed", type=int, default=1000, help="benchmark seed of the held-out examples")
-    p.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps under OUT/stepN")
+    p.add_argument("--save-every", type=nonneg_int, default=0,
+                   help="also save a checkpoint every N steps under OUT/stepN (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_pretrain)
     return p

@@ -14,8 +14,15 @@ examples ``(s * W + k) * batch_size ...`` and a resumed run needs no data-loader
 
 Checkpoints (``checkpoint.safetensors``, written atomically every ``save_every`` steps
 and at the end): the generator's weights, AdamW's state, the step and the RNG states,
-with the configs in the safetensors metadata. ``resume=True`` continues from it and
-gives the same weights as an uninterrupted run (tests/test_train.py checks it).
+with the configs, the base model's identity (:func:`base_identity`) and a sha256 of it
+all in the safetensors metadata; reading one verifies the checksum and that every
+tensor is finite. ``resume=True`` continues from it and gives the same weights as an
+uninterrupted run (tests/test_train.py checks it); the log is cut back to its step.
+
+Safety (tests/test_cli_adversarial.py): a non-finite loss, gradient or weight stops
+the run (:class:`TrainingDiverged`) before anything of that step is written; a folder
+holding a run is not reused without ``resume`` or ``overwrite``, and one process at a
+time holds it (:func:`prosg.method.outputs.locked`).
 
 Multi-GPU: run under ``torchrun``; then (any ``WORLD_SIZE``) the generator is wrapped in
 DistributedDataParallel (NCCL on CUDA, gloo on CPU) and each rank takes its slice of the
@@ -24,12 +31,15 @@ global batch. The loss is averaged per rank, then DDP averages the gradients.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -41,6 +51,7 @@ from torch import Tensor, nn
 from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, collate, encode_example, generate_example
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
+from prosg.method.outputs import atomic_write, atomic_write_text, locked, refuse_existing
 from prosg.models import RWKV4LM, RWKV4State
 
 log = logging.getLogger("prosg.train")
@@ -48,6 +59,14 @@ log = logging.getLogger("prosg.train")
 CHECKPOINT = "checkpoint.safetensors"
 GENERATOR = "generator.safetensors"
 LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
+#: What a run writes to its folder: their presence means the folder holds a run.
+RUN_FILES = (CHECKPOINT, GENERATOR, LOG_FILE, CONFIG_FILE)
+FORMAT = "prosg.generator/1"
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, gradient or weight: the run stops before that step is saved."""
 
 
 @dataclass
@@ -227,17 +246,76 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
+def nonfinite(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """The names of the tensors that hold a NaN or an infinity (one device sync for all)."""
+    named = list(named)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def tensor_digest(tensors: dict[str, Tensor], meta: dict[str, str] | None = None) -> str:
+    """sha256 over the tensors in sorted key order (each one's name, dtype, shape and
+    bytes) and then the metadata entries in sorted key order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        # the header fixes where each tensor's bytes end, so no two layouts hash alike
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for key in sorted(meta or {}):
+        h.update(json.dumps([key, meta[key]]).encode())
+    return h.hexdigest()
+
+
+#: RWKV4Config fields that do not change the function the model computes.
+_CARRIED_ONLY = ("bos_token_id", "eos_token_id", "context_length")
+
+
+def base_identity(model: RWKV4LM) -> dict:
+    """What a generator is tied to: the base model's class, its config (sizes and
+    every setting that changes its function) and a sha256 of its weights."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _CARRIED_ONLY}
+    return {"architecture": type(model).__name__, "config": config,
+            "weights_sha256": tensor_digest(model.state_dict())}
+
+
+def check_base(meta: dict[str, str], model: RWKV4LM, path: str | Path,
+               identity: dict | None = None) -> None:
+    """ValueError naming what differs when the checkpoint at ``path`` (its ``meta``)
+    was trained on another base model than ``model`` (``identity``: its
+    :func:`base_identity`, when already known)."""
+    if "base_model" not in meta:
+        log.warning("%s records no base model (written by an older prosg): cannot check that it belongs to "
+                    "this one", path)
+        return
+    want, got = json.loads(meta["base_model"]), identity or base_identity(model)
+    pairs = {"architecture": (want["architecture"], got["architecture"])}
+    pairs.update((k, (want["config"].get(k), got["config"].get(k))) for k in sorted({*want["config"], *got["config"]}))
+    diffs = [f"{k} {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
+    if want["weights_sha256"] != got["weights_sha256"]:
+        diffs.append(f"weights sha256 {want['weights_sha256'][:16]}... vs {got['weights_sha256'][:16]}...")
+    if diffs:
+        raise ValueError(f"{path} was trained on another base model: {'; '.join(diffs)} (its base vs the one "
+                         "given); use the --base it was trained on")
+
+
 def save_checkpoint(path: Path, generator: SyntheticGradientGenerator, optimizer: torch.optim.Optimizer | None,
-                    step: int, config: TrainConfig) -> None:
+                    step: int, config: TrainConfig, base: dict | None = None) -> None:
     """Writes generator weights (``generator.*``), AdamW's state (``optim.<i>.<key>``,
-    its param groups in the metadata), the step and RNG states; atomically (a temporary
-    file renamed), so a kill mid-write leaves the previous checkpoint intact."""
+    its param groups in the metadata), the step, RNG states, the base model's identity
+    ``base`` (:func:`base_identity`) and a checksum; atomically (a temporary file
+    renamed), so a kill mid-write leaves the previous checkpoint intact. Refuses
+    non-finite weights: a checkpoint is only ever replaced by a usable one."""
     from safetensors.torch import save_file
 
     tensors = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    meta = {"format": "prosg.generator/1", "step": str(step), "train_config": config.to_json(),
+    meta = {"format": FORMAT, "step": str(step), "train_config": config.to_json(),
             "generator_config": json.dumps(generator.config.to_dict()),
             "rng.python": json.dumps(random.getstate())}
+    if base is not None:
+        meta["base_model"] = json.dumps(base, sort_keys=True)
     if optimizer is not None:
         sd = optimizer.state_dict()
         for idx, st in sd["state"].items():
@@ -246,35 +324,57 @@ def save_checkpoint(path: Path, generator: SyntheticGradientGenerator, optimizer
                 tensors[f"optim.{idx}.{key}"] = t.detach().cpu().contiguous()
         meta["optim.param_groups"] = json.dumps(sd["param_groups"])
         tensors.update({k: v.cpu() for k, v in _rng_state().items()})
+    bad = nonfinite(tensors.items())
+    if bad:
+        raise TrainingDiverged(f"not writing {path}: non-finite values in {bad[:3]}")
+    meta["sha256"] = tensor_digest(tensors, meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """The tensors and metadata of a checkpoint, verified: ValueError naming the file
+    when it is not one, is truncated, fails its checksum or holds non-finite values."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no generator checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "prosg.generator/1":
-            raise ValueError(f"{path} is not a prosg generator checkpoint (metadata format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a prosg generator checkpoint (metadata format {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is corrupt or truncated (not a readable safetensors file: {e})") from None
+    recorded = meta.get("sha256")
+    if recorded is None:
+        log.warning("%s has no checksum (written by an older prosg): its bytes are not verified", path)
+    elif tensor_digest(tensors, {k: v for k, v in meta.items() if k != "sha256"}) != recorded:
+        raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with it")
+    bad = nonfinite(tensors.items())
+    if bad:
+        raise ValueError(f"{path} is corrupt: non-finite values in {bad[:3]}" + (" ..." if len(bad) > 3 else ""))
     return tensors, meta
+
+
+def generator_from_checkpoint(tensors: dict[str, Tensor], meta: dict[str, str], model: RWKV4LM,
+                              path: str | Path) -> SyntheticGradientGenerator:
+    """The generator a :func:`read_checkpoint` result holds, for ``model`` (checked to be
+    the base it was trained on), in eval mode."""
+    check_base(meta, model, path)
+    generator = SyntheticGradientGenerator(model, GeneratorConfig.from_dict(json.loads(meta["generator_config"])))
+    generator.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
+                               if k.startswith("generator.")})
+    return generator.to(model.device).eval()
 
 
 def load_generator(path: str | Path, model: RWKV4LM) -> SyntheticGradientGenerator:
     """A trained generator from a checkpoint (``checkpoint.safetensors`` or the final
     ``generator.safetensors``), for ``model`` (the base it was trained on), in eval mode."""
-    tensors, meta = read_checkpoint(path)
-    generator = SyntheticGradientGenerator(model, GeneratorConfig.from_dict(json.loads(meta["generator_config"])))
-    generator.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
-                               if k.startswith("generator.")})
-    return generator.to(model.device).eval()
+    return generator_from_checkpoint(*read_checkpoint(path), model, path)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -301,12 +401,36 @@ def _launched_distributed() -> bool:
     return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def refuse_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """FileExistsError when training into ``out_dir`` would replace a run there: any
+    run without ``resume`` or ``overwrite``, and with ``resume`` a finished generator
+    whose checkpoint is gone (a fresh start would replace it)."""
+    out_dir = Path(out_dir)
+    if overwrite:
+        return
+    if not resume:
+        refuse_existing(out_dir, RUN_FILES, "a training run", "--resume to continue it, --overwrite to replace it,")
+    elif not (out_dir / CHECKPOINT).exists():
+        refuse_existing(out_dir, [GENERATOR], f"a trained generator but no {CHECKPOINT} to resume from")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-          device: str | torch.device | None = None, save_every: int = 100, log_every: int = 10,
-          progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+          overwrite: bool = False, device: str | torch.device | None = None, save_every: int = 100,
+          log_every: int = 10, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Trains a generator for the frozen ``model`` and writes ``out_dir``:
     ``checkpoint.safetensors`` (latest, resumable), ``generator.safetensors`` (final
     weights), ``train_log.jsonl`` (one line per logged step) and ``train_config.json``.
+
+    ``out_dir`` must not hold a run unless ``resume`` (continue it from its checkpoint)
+    or ``overwrite`` (delete it first); see :func:`refuse_run_dir`. While training, the
+    folder is locked against other processes. A non-finite loss, gradient or weight
+    raises :class:`TrainingDiverged` and leaves the files of the last good step as
+    they were.
 
     ``on_step(step, record)`` is called after every optimizer step (``step`` counts
     completed steps). Under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set, any world
@@ -314,8 +438,14 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
 
     Returns ``{"generator", "history" (logged records), "final_step"}``.
     """
+    _positive_int("save_every", save_every)
+    _positive_int("log_every", log_every)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other (continue the run in out_dir, or replace it)")
     out_dir = Path(out_dir)
     rank, world, local_rank = _distributed()
+    if rank == 0:  # the others would race with its first writes
+        refuse_run_dir(out_dir, resume, overwrite)
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -332,7 +462,7 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             created = True
     try:
-        return _train(model, config, out_dir, resume, device, rank, world, save_every, log_every,
+        return _train(model, config, out_dir, resume, overwrite, device, rank, world, save_every, log_every,
                       progress and rank == 0, on_step, distributed)
     finally:
         if created:
@@ -341,17 +471,59 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
             dist.destroy_process_group()
 
 
-def _train(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress, on_step,
-           distributed) -> dict:
-    from tqdm.auto import tqdm
+def _trim_log(path: Path, step: int) -> None:
+    """Keeps the records of steps up to ``step`` (those after it are replayed by the
+    resumed run) and drops a line torn by a kill mid-write; atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
+
+def _all_finite(values: list[Tensor], distributed: bool) -> bool:
+    """Whether every value is finite on every rank: the ranks must agree on stopping,
+    or the ones that go on wait forever for the others at the next all-reduce."""
+    ok = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().to(torch.int32)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def _train(model, config, out_dir, resume, overwrite, device, rank, world, save_every, log_every, progress,
+           on_step, distributed) -> dict:
     freeze(model).to(device)
     data = config.data_config()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     generator = SyntheticGradientGenerator(model, config.generator_config()).to(device)
+    base = base_identity(model)
+    # Only rank 0 writes, so only it holds the folder (the other ranks would lock it out).
+    with locked(out_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            refuse_run_dir(out_dir, resume, overwrite)  # again: another run may have finished meanwhile
+            if overwrite:
+                for name in RUN_FILES:
+                    (out_dir / name).unlink(missing_ok=True)
+        return _loop(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress,
+                     on_step, distributed, data, generator, base)
+
+
+def _loop(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress, on_step,
+          distributed, data, generator, base) -> dict:
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = 0
+    saved_step = None  # the step of the checkpoint on disk, for the divergence message
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.is_file():
         tensors, meta = read_checkpoint(ckpt)
@@ -360,19 +532,21 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
             diff = sorted(k for k in set(saved) | set(asdict(config)) if saved.get(k) != asdict(config).get(k))
             raise ValueError(f"--resume: {ckpt} was written by a run with a different configuration "
                              f"(fields {diff}); use the same settings or another --out")
+        check_base(meta, model, ckpt, base)
         generator.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
                                    if k.startswith("generator.")})
         _load_optimizer(optimizer, tensors, meta)
         _set_rng_state(tensors, meta)
-        start = int(meta["step"])
+        start = saved_step = int(meta["step"])
         log.info("resumed from %s at step %d", ckpt, start)
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
         if start == 0:
-            (out_dir / LOG_FILE).write_text("")
+            atomic_write_text(out_dir / LOG_FILE, "")
+        else:
+            _trim_log(out_dir / LOG_FILE, start)
     objective: nn.Module = _Objective(generator, model)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -384,42 +558,53 @@ def _train(model, config, out_dir, resume, device, rank, world, save_every, log_
              generator.num_parameters(), generator.targets, generator.config.rank,
              sum(p.numel() for p in model.parameters()))
 
+    def diverged(step: int, what: str, lr: float) -> TrainingDiverged:
+        kept = (f"{ckpt} (step {saved_step}) is kept as it was" if saved_step is not None
+                else "no checkpoint had been written")
+        return TrainingDiverged(f"training diverged at step {step}: {what} (lr {lr:.3g}); nothing of this step "
+                                f"was saved, {kept}; try a lower --lr or a --grad-clip")
+
     history: list[dict] = []
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="prosg train", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step in range(start, config.steps):
-        batch = make_batch(data, config.data_seed, batch_indices(config, step, rank, world),
-                           filler_loss=config.filler_loss).to(device)
-        lr = lr_at(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        generator.train()
-        state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
-        loss = objective(batch, state)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip or float("inf"))
-        optimizer.step()
-        done = step + 1
-        record = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
-        if done % log_every == 0 or done == config.steps or step == start:
-            with torch.no_grad():
-                record["base_loss"] = float(response_loss(model, batch, None, state))  # same batch, no delta
-            record["elapsed_s"] = round(time.perf_counter() - t0, 2)
-            history.append(record)
-            if rank == 0:
-                with open(out_dir / LOG_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("step %d loss %.4f (base %.4f) lr %.2e grad %.3f", done, record["loss"],
-                         record["base_loss"], lr, record["grad_norm"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if rank == 0 and (done % save_every == 0 or done == config.steps):
-            save_checkpoint(ckpt, generator, optimizer, done, config)
-        if on_step is not None:
-            on_step(done, record)
-    bar.close()
+    # closed on an error too: a bar left open would run into the error line
+    with tqdm(total=config.steps, initial=start, disable=not progress, desc="prosg train", dynamic_ncols=True) as bar:
+        for step in range(start, config.steps):
+            batch = make_batch(data, config.data_seed, batch_indices(config, step, rank, world),
+                               filler_loss=config.filler_loss).to(device)
+            lr = lr_at(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator.train()
+            state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
+            loss = objective(batch, state)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip or float("inf"))
+            done = step + 1
+            if not _all_finite([loss, grad_norm], distributed):
+                raise diverged(done, f"loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}", lr)
+            optimizer.step()
+            if not _all_finite(list(generator.parameters()), distributed):
+                raise diverged(done, f"the update made {nonfinite(generator.named_parameters())[:3]} non-finite", lr)
+            record = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+            if done % log_every == 0 or done == config.steps or step == start:
+                with torch.no_grad():
+                    record["base_loss"] = float(response_loss(model, batch, None, state))  # same batch, no delta
+                record["elapsed_s"] = round(time.perf_counter() - t0, 2)
+                history.append(record)
+                if rank == 0:
+                    with open(out_dir / LOG_FILE, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    log.info("step %d loss %.4f (base %.4f) lr %.2e grad %.3f", done, record["loss"],
+                             record["base_loss"], lr, record["grad_norm"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if rank == 0 and (done % save_every == 0 or done == config.steps):
+                save_checkpoint(ckpt, generator, optimizer, done, config, base)
+                saved_step = done
+            if on_step is not None:
+                on_step(done, record)
     if rank == 0:
-        save_checkpoint(out_dir / GENERATOR, generator, None, config.steps, config)
+        save_checkpoint(out_dir / GENERATOR, generator, None, config.steps, config, base)
     generator.eval()
     return {"generator": generator, "history": history, "final_step": config.steps}

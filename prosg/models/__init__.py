@@ -8,8 +8,8 @@
 """
 
 from prosg.models.config import RWKV4Config
-from prosg.models.generation import filter_logits, sample_next
+from prosg.models.generation import NonFiniteLogitsError, filter_logits, sample_next
 from prosg.models.rwkv4 import RWKV4LM
 from prosg.models.state import Delta, RWKV4State
 
-__all__ = ["Delta", "RWKV4Config", "RWKV4LM", "RWKV4State", "filter_logits", "sample_next"]
+__all__ = ["Delta", "NonFiniteLogitsError", "RWKV4Config", "RWKV4LM", "RWKV4State", "filter_logits", "sample_next"]

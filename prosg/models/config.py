@@ -4,6 +4,7 @@ transformers' ``RwkvConfig`` so that ``config.json`` files go both ways."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,15 +55,29 @@ class RWKV4Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"RWKV4Config.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.rescale_every, int) or isinstance(self.rescale_every, bool):
-            raise ValueError(f"RWKV4Config.rescale_every must be an int, got {self.rescale_every!r}")
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"RWKV4Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        for name in ("rescale_every", "context_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"RWKV4Config.{name} must be an int, got {value!r}")
+        eps = self.layer_norm_epsilon
+        # bool is an int, and "1e-5" from a hand-edited config.json is a str: both would
+        # otherwise fail later inside LayerNorm with a message that names neither.
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
+            raise ValueError(f"RWKV4Config.layer_norm_epsilon must be a finite number > 0, got {eps!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"RWKV4Config.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError(f"RWKV4Config.{name} must be an int, a list of ints or None, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RWKV4Config":
         """From a transformers ``config.json`` dict; keys this model does not use
         (``architectures``, ``use_cache``, ...) are ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object {{field: value}}, got {type(d).__name__}")
         model_type = d.get("model_type", "rwkv")
         if model_type != "rwkv":
             raise ValueError(f"config.json: model_type must be 'rwkv' (RWKV-4), got {model_type!r}")

@@ -36,6 +36,32 @@ _USE_WKV4_REFERENCE = False
 
 LowRank = tuple[Tensor, Tensor]
 
+#: The dtypes the model runs in (the kernels' dtypes; CUDA has no float64 wkv4).
+MODEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_model_dtype(dtype, what: str) -> None:
+    """Refuses anything but one of :data:`MODEL_DTYPES`, naming ``what``: a string such
+    as ``'float16'`` would otherwise reach ``Tensor.to`` as a device name."""
+    if not isinstance(dtype, torch.dtype):
+        hint = f"; write torch.{dtype}" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None),
+                                                                              torch.dtype) else ""
+        raise TypeError(f"{what} must be a torch.dtype (one of {', '.join(map(str, MODEL_DTYPES))}), "
+                        f"got {dtype!r} ({type(dtype).__name__}){hint}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(map(str, MODEL_DTYPES))}, got {dtype}")
+
+
+def _check_count(value, what: str, minimum: int = 0) -> int:
+    """An int ``>= minimum`` (any ``__index__`` type but bool; a float is refused, not
+    truncated). ValueError for a wrong type too, as these checks always raised."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    value = value.__index__()
+    if value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value}")
+    return value
+
 
 def _wkv(time_decay: Tensor, time_first: Tensor, key: Tensor, value: Tensor, state: Tensor | None,
          key_lowrank: LowRank | None, value_lowrank: LowRank | None) -> tuple[Tensor, Tensor]:
@@ -65,15 +91,23 @@ def _fused_factor(x: Tensor, uv: LowRank | None, scale: float) -> LowRank | None
     return (z if scale == 1.0 else z * scale), U
 
 
-def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank]) -> bool:
+def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *states: Tensor | None) -> bool:
     """Whether a single token takes the fused decode-step op: it has no backward, so
-    only when nothing needs a gradient (generation runs under no_grad)."""
+    only when nothing needs a gradient (generation runs under no_grad): not x, the
+    parameters, the deltas, nor the carried states (a learned initial state)."""
     if x.dim() != 2 or _USE_WKV4_REFERENCE:
         return False
     if not torch.is_grad_enabled():
         return True
     return not (x.requires_grad or any(p.requires_grad for p in module.parameters())
-                or any(t.requires_grad for uv in delta.values() for t in uv))
+                or any(t.requires_grad for uv in delta.values() for t in uv)
+                or any(s is not None and s.requires_grad for s in states))
+
+
+def _batch_hint(t: Tensor, batch: int) -> str:
+    if t.dim() == 3 and t.shape[0] != batch:
+        return f" (batch size {t.shape[0]}, but input_ids has batch size {batch})"
+    return ""
 
 
 def _token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
@@ -108,7 +142,7 @@ class RWKV4TimeMix(nn.Module):
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """``x``: the ``ln1`` output, ``[B, T, H]`` or ``[B, H]`` for one token.
         Returns ``(output, x of the last token, WKV state)``."""
-        if _fused_step(self, x, delta):
+        if _fused_step(self, x, delta, prev, wkv_state):
             if wkv_state is None:
                 wkv_state = torch.zeros(x.shape[0], 3, self.time_decay.shape[0], dtype=_acc_dtype(x.dtype),
                                         device=x.device)
@@ -154,7 +188,7 @@ class RWKV4ChannelMix(nn.Module):
     def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
                 scale: float) -> tuple[Tensor, Tensor]:
         """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
-        if _fused_step(self, x, delta):
+        if _fused_step(self, x, delta, prev):
             out = rwkv4_channel_mix_step(
                 x, prev if prev is not None else torch.zeros_like(x), self.time_mix_key, self.time_mix_receptance,
                 self.key.weight, self.receptance.weight, self.value.weight,
@@ -232,6 +266,7 @@ class RWKV4LM(nn.Module):
         float32 for 16-bit dtypes (transformers' ``_keep_in_fp32_modules``): the decay
         ``exp(-exp(w))`` is too sensitive for 8 mantissa bits. ``model.to(dtype)``
         casts everything."""
+        check_model_dtype(dtype, "to_dtype: dtype")
         keep = dtype in (torch.float16, torch.bfloat16)
         for name, p in self.named_parameters():
             target = torch.float32 if keep and name.rsplit(".", 1)[-1] in ("time_decay", "time_first") else dtype
@@ -295,10 +330,25 @@ class RWKV4LM(nn.Module):
             raise ValueError("input_ids must hold at least one token per sample (T >= 1), got T = 0")
         if input_ids.device != self.device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
+        # One reduction (one host sync on CUDA) per call, not per token: F.embedding's
+        # own error names neither the tensor nor the value, and on CUDA it is a
+        # device-side assert that ruins the context.
+        if input_ids.numel() == 0:  # B = 0: aminmax refuses empty tensors
+            return
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = torch.stack([lo, hi]).tolist()
+        V = self.config.vocab_size
+        if lo < 0 or hi >= V:
+            bad = ((input_ids < 0) | (input_ids >= V)).nonzero()[0].tolist()
+            raise ValueError(f"input_ids must be token ids in [0, {V}) (the model's vocab_size), got values in "
+                             f"[{lo}, {hi}]; first bad: input_ids[{bad[0]}, {bad[1]}] = "
+                             f"{int(input_ids[bad[0], bad[1]])}")
 
     def _check_state(self, state: RWKV4State | None, batch: int) -> tuple[list, list, list] | None:
-        """Validates a state and splits it into per-layer lists (shift vectors cast to
-        the activation dtype, WKV state to its accumulation dtype)."""
+        """Validates a state and splits it into per-layer lists. Shift vectors of
+        another floating dtype are cast to the activation dtype and a float64 WKV state
+        to float32 (as deltas are cast); a non-floating state never reaches here
+        (:class:`RWKV4State` refuses it)."""
         if state is None:
             return None
         if not isinstance(state, RWKV4State):
@@ -315,10 +365,16 @@ class RWKV4LM(nn.Module):
                 what = {0: "layers", 1: "batch size"}
                 hint = "".join(f" ({what[d]} {t.shape[d]} != {shape[d]})" for d in (0, 1)
                                if t.dim() > d and t.shape[d] != shape[d])
+                if t.dim() > 1 and t.shape[1] != batch:
+                    hint += f"; the batch size is input_ids' ({batch})"
                 raise ValueError(f"state.{name} must have shape {list(shape)} (layers, batch, ...), "
                                  f"got {list(t.shape)}{hint}")
             if t.device != self.device:
                 raise ValueError(f"state.{name} is on {t.device} but the model is on {self.device}")
+            # Re-checked here: the fields of a dataclass can be reassigned after
+            # construction, and an integer state would be cast to garbage silently.
+            if not t.is_floating_point():
+                raise TypeError(f"state.{name} must be floating point, got {t.dtype}")
         act = self.dtype
         return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
                 list(state.wkv.to(_acc_dtype(act)).unbind(0)))
@@ -332,6 +388,8 @@ class RWKV4LM(nn.Module):
             return None
         if isinstance(delta.scale, bool) or not isinstance(delta.scale, (int, float)):
             raise TypeError(f"delta.scale must be a float, got {type(delta.scale)}")
+        if not math.isfinite(delta.scale):
+            raise ValueError(f"delta.scale must be finite, got {delta.scale}")
         L = self.config.num_hidden_layers
         per_layer: dict[str, list[dict]] = {"attention": [{} for _ in range(L)],
                                              "feed_forward": [{} for _ in range(L)]}
@@ -345,12 +403,13 @@ class RWKV4LM(nn.Module):
             U, V = uv
             d_out, d_in = getattr(getattr(self.blocks[layer], part), kind).weight.shape
             r = U.shape[-1] if U.dim() == 3 else -1
+            # B is input_ids' batch size: one delta per sample, no broadcasting.
             if U.dim() != 3 or tuple(U.shape) != (batch, d_out, r):
                 raise ValueError(f"delta[{name!r}]: U must have shape [B={batch}, Dout={d_out}, r], "
-                                 f"got {list(U.shape)}")
+                                 f"got {list(U.shape)}{_batch_hint(U, batch)}")
             if tuple(V.shape) != (batch, d_in, r):
                 raise ValueError(f"delta[{name!r}]: V must have shape [B={batch}, Din={d_in}, r={r}], "
-                                 f"got {list(V.shape)}")
+                                 f"got {list(V.shape)}{_batch_hint(V, batch)}")
             for which, t in (("U", U), ("V", V)):
                 if not t.is_floating_point():
                     raise ValueError(f"delta[{name!r}]: {which} must be floating point, got {t.dtype}")
@@ -379,13 +438,16 @@ class RWKV4LM(nn.Module):
             delta: per-sample weight deltas (:class:`Delta` or ``{name: (U, V)}``) with
                 batch ``B``; the result equals running sample ``b`` with the weights
                 ``W + scale * U_b V_b^T``.
-            logits_to_keep: 0 returns the logits of every position; ``n > 0`` only
-                those of the last ``n`` (what generation needs: the head over a large
-                vocabulary dominates a long prefill otherwise).
+            logits_to_keep: an int ``>= 0``. 0 returns the logits of every position;
+                ``n > 0`` only those of the last ``min(n, T)`` (what generation needs:
+                the head over a large vocabulary dominates a long prefill otherwise).
+                Negative values are refused (a slice ``-n:`` would silently drop the
+                first ``n`` positions instead).
 
         Returns:
             ``(logits [B, T or n, vocab], state after the last token)``.
         """
+        logits_to_keep = _check_count(logits_to_keep, "logits_to_keep")
         self._check_input_ids(input_ids)
         batch = input_ids.shape[0]
         layers = self._check_state(state, batch)
@@ -452,6 +514,12 @@ class RWKV4LM(nn.Module):
         ``stop_tokens`` is finished: its remaining positions repeat that stop token,
         and generation ends early (same output shape) once every sample has finished.
         ``state`` continues an earlier call (``input_ids`` then follows it).
+
+        Every argument is checked before the first forward: ``stop_tokens`` are int
+        token ids (an int, a sequence of ints or an integer tensor; floats are refused,
+        not truncated); temperature / top_k / top_p must be valid even when greedy (and
+        warn that they have no effect then). Logits that turn NaN or infinite raise
+        :class:`prosg.models.NonFiniteLogitsError` naming the step and the batch rows.
         See :func:`prosg.models.generation.stream_generate`.
         """
         from prosg.models.generation import generate
@@ -479,7 +547,12 @@ class RWKV4LM(nn.Module):
                         device: torch.device | str = "cpu") -> "RWKV4LM":
         """Loads a transformers RWKV-4 checkpoint directory (``config.json`` with
         ``model.safetensors``, ``pytorch_model.bin`` or their sharded ``*.index.json``).
-        ``dtype`` casts as :meth:`to_dtype` does (None keeps the stored dtypes)."""
+        ``dtype`` casts as :meth:`to_dtype` does (None keeps the stored dtypes).
+
+        The weights are checked against ``config.json`` before anything is assigned:
+        every expected tensor present with its shape and a floating dtype, nothing
+        else, all problems named in one ``ValueError`` with the file. Unreadable files
+        (truncated, empty, not safetensors / torch) raise ``ValueError`` naming them."""
         from prosg.models.checkpoint import load_hf
 
         return load_hf(cls, path, dtype=dtype, device=device)
@@ -490,7 +563,14 @@ class RWKV4LM(nn.Module):
         """Loads a BlinkDL RWKV-4 ``.pth`` state dict, renaming keys as transformers'
         ``convert_rwkv_checkpoint_to_hf.py`` does and reading the shapes from the
         tensors. ``config_overrides`` set other :class:`RWKV4Config` fields
-        (``rescale_every`` defaults to 6, as that conversion leaves it)."""
+        (``rescale_every`` defaults to 6, as that conversion leaves it).
+
+        The file has no config, so its depth is the blocks it holds: one that lost its
+        last block(s) is indistinguishable from a shallower model. Pass the shape
+        fields you know (``num_hidden_layers``, ``hidden_size``, ...): they are checked
+        against the tensors, and a missing or extra block is named in the error.
+        Gaps (a block missing in the middle), missing, extra or mis-shaped tensors are
+        always refused, naming the file."""
         from prosg.models.checkpoint import load_blinkdl
 
         return load_blinkdl(cls, path, dtype=dtype, device=device, **config_overrides)

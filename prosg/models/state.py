@@ -6,7 +6,9 @@ indexed by sample and saved with ``torch.save``. The model checks them on entry.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +40,37 @@ class RWKV4State:
 
     Passing the state returned by ``model(ids_a)`` to ``model(ids_b, state=...)``
     gives exactly the logits of ``model(cat(ids_a, ids_b))`` for ``ids_b``.
+
+    Construction checks what a state can check alone: tensors, floating point (an
+    integer state cast to float would run silently on truncated values), the number of
+    dimensions, a float32/float64 WKV state (16 bits cannot hold the running maximum's
+    ``-1e38`` / the sums' precision) and one device. The model checks the sizes against
+    its config (the number of layers, the batch size, the widths).
     """
 
     att_shift: Tensor
     ffn_shift: Tensor
     wkv: Tensor
+
+    def __post_init__(self) -> None:
+        for name, dims, layout in (("att_shift", 3, "[L, B, H]"), ("ffn_shift", 3, "[L, B, H]"),
+                                   ("wkv", 4, "[L, B, 3, C]")):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"RWKV4State.{name} must be a Tensor {layout}, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"RWKV4State.{name} must be a floating-point tensor {layout}, got {t.dtype}")
+            if t.dim() != dims:
+                raise ValueError(f"RWKV4State.{name} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+        if self.wkv.shape[2] != 3:
+            raise ValueError(f"RWKV4State.wkv must be [L, B, 3, C] (numerator, denominator, maximum), "
+                             f"got shape {list(self.wkv.shape)}")
+        if self.wkv.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"RWKV4State.wkv must be float32 (float64 for a float64 model), got {self.wkv.dtype}")
+        devices = {n: getattr(self, n).device for n in ("att_shift", "ffn_shift", "wkv")}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"RWKV4State: all tensors must be on one device, got "
+                             f"{', '.join(f'{n} on {d}' for n, d in devices.items())}")
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, hidden_size: int, attention_size: int, *,
@@ -122,6 +150,14 @@ class Delta:
 
     factors: dict[str, tuple[Tensor, Tensor]]
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factors, Mapping):
+            raise TypeError(f"Delta.factors must be a dict {{name: (U, V)}}, got {type(self.factors).__name__}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"Delta.scale must be a float, got {self.scale!r} ({type(self.scale).__name__})")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"Delta.scale must be finite, got {self.scale}")
 
     @classmethod
     def coerce(cls, delta: "Delta | dict | None") -> "Delta | None":
