@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from prosg.models import RWKV4LM, Delta, RWKV4Config, RWKV4State
 from prosg.models import rwkv4 as rwkv4_module
-from prosg.models.testing import merged_weights, random_delta, random_model, tiny_config
+from prosg.models.testing import merged_weights, random_delta, random_model, tiny_config, to_blinkdl_state_dict
 
 transformers = pytest.importorskip("transformers")
 from transformers import RwkvConfig, RwkvForCausalLM  # noqa: E402
@@ -514,23 +514,10 @@ def test_sharded_safetensors(tmp_path):
         assert torch.equal(again.state_dict()[key], value), key
 
 
-def _to_blinkdl(model: RWKV4LM) -> dict[str, torch.Tensor]:
-    """Our weights under BlinkDL's names (the inverse of transformers' conversion)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        name = key.replace("embeddings.", "emb.").replace("blocks.0.pre_ln.", "blocks.0.ln0.")
-        name = name.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
-        for long, short in (("key", "k"), ("value", "v"), ("receptance", "r")):
-            if name.endswith(f".time_mix_{long}"):
-                name = name[: -len(long)] + short
-        out[name] = value.clone()
-    return out
-
-
 def test_blinkdl_checkpoint_loads(tmp_path):
     model = random_model(num_hidden_layers=3, hidden_size=16, attention_hidden_size=12, intermediate_size=40,
                          vocab_size=29, rescale_every=6, seed=29)
-    blink = _to_blinkdl(model)
+    blink = to_blinkdl_state_dict(model)
     assert "blocks.1.att.time_mix_k" in blink and "blocks.0.ln0.weight" in blink and "emb.weight" in blink
     blink["blocks.1.att.time_decay"] = blink["blocks.1.att.time_decay"].reshape(1, 1, -1)  # squeezed/unsqueezed
     torch.save(blink, tmp_path / "RWKV-4-test.pth")
@@ -554,7 +541,7 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
         RWKV4LM.from_pretrained(tmp_path / "m")
-    blink = _to_blinkdl(model)
+    blink = to_blinkdl_state_dict(model)
     del blink["blocks.2.ffn.value.weight"]
     blink["blocks.2.extra"] = torch.zeros(3)
     torch.save(blink, tmp_path / "bad.pth")

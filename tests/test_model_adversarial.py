@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prosg.models import RWKV4LM, Delta, NonFiniteLogitsError, RWKV4Config, RWKV4State
-from prosg.models.testing import random_delta, random_model
+from prosg.models.testing import random_delta, random_model, to_blinkdl_state_dict
 from tolerances import assert_close
 
 SEED = 40  # tiny_config: vocab 37, hidden 24, 3 layers, intermediate 52, attention 24
@@ -35,19 +35,6 @@ V, H, L, F_ = 37, 24, 3, 52
 @pytest.fixture
 def model():
     return random_model(seed=SEED)
-
-
-def _to_blinkdl(model: RWKV4LM) -> dict[str, torch.Tensor]:
-    """Our weights under BlinkDL's names (the inverse of transformers' conversion)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        name = key.replace("embeddings.", "emb.").replace("blocks.0.pre_ln.", "blocks.0.ln0.")
-        name = name.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
-        for long, short in (("key", "k"), ("value", "v"), ("receptance", "r")):
-            if name.endswith(f".time_mix_{long}"):
-                name = name[: -len(long)] + short
-        out[name] = value.clone()
-    return out
 
 
 @contextlib.contextmanager
@@ -95,14 +82,14 @@ BLINK_CASES = [
                          ids=[c[0] for c in BLINK_CASES])
 def test_blinkdl_structure_is_checked(model, tmp_path, edit, kwargs, error, patterns):
     path = tmp_path / "RWKV-4-tiny.pth"
-    torch.save(edit(_to_blinkdl(model)), path)
+    torch.save(edit(to_blinkdl_state_dict(model)), path)
     with _raises(error, re.escape(str(path)), *patterns):
         RWKV4LM.from_blinkdl(path, rescale_every=0, **kwargs)
 
 
 def test_blinkdl_depth_given_and_right_loads(model, tmp_path):
     """The shape fields are checks, not overrides: the right values load the model."""
-    torch.save(_to_blinkdl(model), tmp_path / "m.pth")
+    torch.save(to_blinkdl_state_dict(model), tmp_path / "m.pth")
     loaded = RWKV4LM.from_blinkdl(tmp_path / "m.pth", num_hidden_layers=L, hidden_size=H, vocab_size=V,
                                   rescale_every=0)
     ids = torch.randint(0, V, (2, 5))
@@ -110,7 +97,7 @@ def test_blinkdl_depth_given_and_right_loads(model, tmp_path):
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     # Without a depth to check against, a file that lost its last block is a valid
     # shallower model (the format has no config); the loaded depth says so.
-    torch.save(_drop(_to_blinkdl(model), "blocks.2."), tmp_path / "short.pth")
+    torch.save(_drop(to_blinkdl_state_dict(model), "blocks.2."), tmp_path / "short.pth")
     assert RWKV4LM.from_blinkdl(tmp_path / "short.pth").config.num_hidden_layers == L - 1
 
 
@@ -227,7 +214,7 @@ def test_damaged_weight_file_is_named(model, tmp_path, layout, how):
         load = lambda: RWKV4LM.from_pretrained(path)  # noqa: E731
     else:
         bad = tmp_path / "m.pth"
-        torch.save(_to_blinkdl(model), bad)
+        torch.save(to_blinkdl_state_dict(model), bad)
         load = lambda: RWKV4LM.from_blinkdl(bad)  # noqa: E731
     _damage(bad, how)
     with _raises(ValueError, re.escape(str(bad)), r"cannot read it as", r"\d+ bytes") as info:
@@ -239,7 +226,7 @@ def test_pth_that_is_not_a_state_dict(model, tmp_path):
     import argparse
 
     cases = [
-        ({"state_dict": _to_blinkdl(model), "epoch": 3}, ValueError, [r"not str -> Tensor", "state_dict"]),
+        ({"state_dict": to_blinkdl_state_dict(model), "epoch": 3}, ValueError, [r"not str -> Tensor", "state_dict"]),
         ([torch.zeros(2)], ValueError, [r"got a list"]),
         ({"emb.weight": torch.zeros(2, 2), "args": argparse.Namespace(lr=1)}, ValueError,
          [r"cannot read it as a torch\.save state dict", "UnpicklingError"]),
@@ -291,7 +278,7 @@ def test_bad_index_json_is_named(model, tmp_path):
 
 def test_load_arguments_are_named(model, tmp_path):
     path, _ = _hf_dir(model, tmp_path / "m")
-    torch.save(_to_blinkdl(model), tmp_path / "m.pth")
+    torch.save(to_blinkdl_state_dict(model), tmp_path / "m.pth")
     for load in (lambda **kw: RWKV4LM.from_pretrained(path, **kw),
                  lambda **kw: RWKV4LM.from_blinkdl(tmp_path / "m.pth", **kw)):
         with _raises(TypeError, r"dtype must be a torch\.dtype", "'float16'", r"write torch\.float16"):

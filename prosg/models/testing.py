@@ -90,3 +90,16 @@ def merged_weights(model: RWKV4LM, delta: Delta, sample: int) -> dict[str, torch
         W = params[key]
         params[key] = W + delta.scale * (U[sample].to(W.dtype) @ V[sample].to(W.dtype).T)
     return params
+
+
+def to_blinkdl_state_dict(model: RWKV4LM) -> dict[str, torch.Tensor]:
+    """Our weights under BlinkDL's names (the inverse of transformers' conversion)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        name = key.replace("embeddings.", "emb.").replace("blocks.0.pre_ln.", "blocks.0.ln0.")
+        name = name.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
+        for long, short in (("key", "k"), ("value", "v"), ("receptance", "r")):
+            if name.endswith(f".time_mix_{long}"):
+                name = name[: -len(long)] + short
+        out[name] = value.clone()
+    return out
