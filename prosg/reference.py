@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prosg.numerics import EMPTY_MAX
+
 
 def lowrank_linear_ref(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, U: Tensor | None = None, V: Tensor | None = None,
@@ -54,7 +56,7 @@ def wkv4_ref(
     if state is None:
         a = k.new_zeros(k.shape[0], k.shape[2])
         b = k.new_zeros(k.shape[0], k.shape[2])
-        p = k.new_full((k.shape[0], k.shape[2]), -1e38)
+        p = k.new_full((k.shape[0], k.shape[2]), EMPTY_MAX)
     else:
         a, b, p = state.double().unbind(1)
     outs = []

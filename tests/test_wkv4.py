@@ -28,6 +28,7 @@ from tolerances import assert_close, tol
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
 from prosg.ops import wkv4
+from prosg.numerics import EMPTY_MAX, accumulation_dtype
 from prosg.reference import wkv4_ref
 
 OP = torch.ops.prosg.wkv4.default
@@ -35,11 +36,7 @@ BWD = torch.ops.prosg.wkv4_backward.default
 # Every differentiable argument, in the op's order.
 NAMES = ("time_decay", "time_first", "key", "value", "state", "key_z", "key_u", "value_z", "value_u")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-EMPTY_MAX = -1e38  # the running max of the empty state, as transformers writes it
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+state_dtype = accumulation_dtype
 
 
 def make_inputs(B, T, C, r=2, *, dtype=torch.float32, device="cpu", state=True, key_lr=True, value_lr=True,

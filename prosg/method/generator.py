@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models import Delta, RWKV4LM
+from prosg.models.rwkv4 import token_shift
 from prosg.models.state import parse_delta_name
 
 #: Default targets: all seven projection matrices of every layer (docs/results.md
@@ -247,12 +248,6 @@ def prompt_features(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | No
     return feats
 
 
-def _token_shift(x: Tensor) -> Tensor:
-    """``[0, x_0, ..., x_{P-2}]``: the previous token's vector, zeros before the first
-    (a prompt starts from the empty state)."""
-    return F.pad(x[:, :-1], (0, 0, 1, 0))
-
-
 @torch.no_grad()
 def true_input(model: RWKV4LM, feats: PromptFeatures, name: str) -> Tensor | None:
     """The input ``x_t [B, P, Din]`` of matrix ``name`` at every prompt token, rebuilt
@@ -263,7 +258,7 @@ def true_input(model: RWKV4LM, feats: PromptFeatures, name: str) -> Tensor | Non
         return None
     module = getattr(model.blocks[layer], part)
     a = feats.ln1[layer] if part == "attention" else feats.ln2[layer]
-    shifted = _token_shift(a)
+    shifted = token_shift(a, None)  # a prompt starts from the empty state
     if part == "feed_forward" and kind == "value":
         xk = torch.lerp(shifted, a, module.time_mix_key.view(-1))
         return torch.square(torch.relu(F.linear(xk, module.key.weight)))

@@ -24,15 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.config import RWKV4Config
-from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, Delta, RWKV4State, _acc_dtype, parse_delta_name
+from prosg.numerics import EMPTY_MAX, accumulation_dtype
+from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, Delta, RWKV4State, parse_delta_name
 from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
-
-# ---------------------------------------------------------------------------------
-# DEVELOPMENT SWITCH: True routes the recurrence through the float64 reference
-# (prosg.reference.wkv4_ref) while the C++ wkv4 kernels are not built. Must be False
-# in committed code that ships; the tests assert it is.
-_USE_WKV4_REFERENCE = False
-# ---------------------------------------------------------------------------------
 
 LowRank = tuple[Tensor, Tensor]
 
@@ -65,11 +59,6 @@ def _check_count(value, what: str, minimum: int = 0) -> int:
 
 def _wkv(time_decay: Tensor, time_first: Tensor, key: Tensor, value: Tensor, state: Tensor | None,
          key_lowrank: LowRank | None, value_lowrank: LowRank | None) -> tuple[Tensor, Tensor]:
-    if _USE_WKV4_REFERENCE:
-        from prosg.reference import wkv4_ref
-
-        out, s = wkv4_ref(time_decay, time_first, key, value, state, key_lowrank, value_lowrank)
-        return out.to(value.dtype), s.to(_acc_dtype(key.dtype))
     return wkv4(time_decay, time_first, key, value, state, key_lowrank, value_lowrank)
 
 
@@ -95,7 +84,7 @@ def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *states
     """Whether a single token takes the fused decode-step op: it has no backward, so
     only when nothing needs a gradient (generation runs under no_grad): not x, the
     parameters, the deltas, nor the carried states (a learned initial state)."""
-    if x.dim() != 2 or _USE_WKV4_REFERENCE:
+    if x.dim() != 2:
         return False
     if not torch.is_grad_enabled():
         return True
@@ -110,7 +99,7 @@ def _batch_hint(t: Tensor, batch: int) -> str:
     return ""
 
 
-def _token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
+def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """The previous token's vector at every position: ``[prev, x_0, ..., x_{T-2}]``
     (zeros before the first token of a sequence without state). A single token
     (``x`` of ``[B, H]``) needs no copy at all."""
@@ -144,16 +133,16 @@ class RWKV4TimeMix(nn.Module):
         Returns ``(output, x of the last token, WKV state)``."""
         if _fused_step(self, x, delta, prev, wkv_state):
             if wkv_state is None:
-                wkv_state = torch.zeros(x.shape[0], 3, self.time_decay.shape[0], dtype=_acc_dtype(x.dtype),
+                wkv_state = torch.zeros(x.shape[0], 3, self.time_decay.shape[0], dtype=accumulation_dtype(x.dtype),
                                         device=x.device)
-                wkv_state[:, 2] = -1e38
+                wkv_state[:, 2] = EMPTY_MAX
             out, wkv_state = rwkv4_time_mix_step(
                 x, prev if prev is not None else torch.zeros_like(x), wkv_state, self.time_mix_key,
                 self.time_mix_value, self.time_mix_receptance, self.time_decay, self.time_first, self.key.weight,
                 self.value.weight, self.receptance.weight, self.output.weight,
                 [delta.get(kind) for kind in ("key", "value", "receptance", "output")], scale)
             return out, x, wkv_state
-        shifted = _token_shift(x, prev)
+        shifted = token_shift(x, prev)
         # lerp(a, b, m) = a + m (b - a): HF's x m + shifted (1 - m) in one kernel.
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xv = torch.lerp(shifted, x, self.time_mix_value.view(-1))
@@ -194,7 +183,7 @@ class RWKV4ChannelMix(nn.Module):
                 self.key.weight, self.receptance.weight, self.value.weight,
                 [delta.get(kind) for kind in ("key", "receptance", "value")], scale)
             return out, x
-        shifted = _token_shift(x, prev)
+        shifted = token_shift(x, prev)
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))
         key = torch.square(torch.relu(_project(xk, self.key.weight, delta.get("key"), scale)))
@@ -377,7 +366,7 @@ class RWKV4LM(nn.Module):
                 raise TypeError(f"state.{name} must be floating point, got {t.dtype}")
         act = self.dtype
         return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
-                list(state.wkv.to(_acc_dtype(act)).unbind(0)))
+                list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
 
     def _resolve_delta(self, delta: Delta | dict | None,
                        batch: int) -> tuple[list[dict], list[dict], float] | None:

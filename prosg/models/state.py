@@ -14,17 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Initial running maximum of the WKV state: ``exp(max)`` is 0 for every key.
-EMPTY_MAX = -1e38
+from prosg.numerics import EMPTY_MAX, accumulation_dtype
 
 ATTENTION_KINDS = ("key", "value", "receptance", "output")
 FEED_FORWARD_KINDS = ("key", "receptance", "value")
 _NAME = re.compile(r"^blocks\.(\d+)\.(attention|feed_forward)\.(\w+)$")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the WKV state for activations in ``dtype`` (what prosg.ops.wkv4 wants)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -77,7 +71,7 @@ class RWKV4State:
               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "RWKV4State":
         """The state before any token: zero shifts, WKV ``(0, 0, -1e38)``."""
         shift = torch.zeros(num_layers, batch, hidden_size, dtype=dtype, device=device)
-        wkv = torch.zeros(num_layers, batch, 3, attention_size, dtype=_acc_dtype(dtype), device=device)
+        wkv = torch.zeros(num_layers, batch, 3, attention_size, dtype=accumulation_dtype(dtype), device=device)
         wkv[:, :, 2] = EMPTY_MAX
         return cls(shift, shift.clone(), wkv)
 
@@ -98,7 +92,7 @@ class RWKV4State:
         vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
         shift_a = self.att_shift.to(*args, **kwargs)
         shift_f = self.ffn_shift.to(*args, **kwargs)
-        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else _acc_dtype(shift_a.dtype)
+        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else accumulation_dtype(shift_a.dtype)
         wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
         return RWKV4State(shift_a, shift_f, wkv)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from prosg.numerics import accumulation_dtype  # noqa: F401  (re-exported to the ops)
 from torch import Tensor
 
 # Matches any size in check_shape (printed "*", as -1 in checks.h). Not -1: an expected
@@ -88,11 +90,6 @@ def check_floating(op: str, name: str, t: Tensor, allow_double: bool) -> None:
     ok = t.dtype in (torch.float32, torch.float16, torch.bfloat16) or (allow_double and t.dtype == torch.float64)
     suffix = " (or float64 on the CPU)" if allow_double else ""
     check(ok, lambda: f"{op}: {name} must be float32, float16 or bfloat16{suffix}, got {scalar_type_name(t.dtype)}")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The kernels accumulate (and keep their states) in float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Kernels registered from Python must outlive their registration call.
