@@ -84,3 +84,30 @@ def test_cli_without_command_fails_with_usage():
     assert run.returncode == 2
     assert "usage: prosg" in run.stderr
     assert "info" in run.stderr
+
+
+def test_config_flags_come_from_the_config_dataclasses():
+    """Every GeneratorConfig field and TrainConfig's training fields have a `prosg
+    train` flag whose default is the field's, and help from the field's metadata:
+    one source, so the CLI cannot drift from the configs (heads had no flag; the
+    step/lr/batch defaults were written twice)."""
+    import argparse
+    import dataclasses
+
+    from prosg.method import cli
+    from prosg.method.generator import GeneratorConfig
+    from prosg.method.train import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--out", "x"])
+    train_fields = [f for f in dataclasses.fields(TrainConfig) if f.name in cli._TRAIN_FLAGS]
+    assert {f.name for f in train_fields} == set(cli._TRAIN_FLAGS)
+    for f in [*dataclasses.fields(GeneratorConfig), *train_fields]:
+        assert f.metadata.get("help"), f"{f.name} has no help"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(args, f.name)
+        assert value == (",".join(default) if isinstance(default, tuple) else default), f.name
+    assert cli._generator_fields(args) == GeneratorConfig().to_dict() | {"targets": GeneratorConfig().targets}
+    assert parser.parse_args(["train", "--out", "x", "--heads", "2"]).heads == 2
+    assert parser.parse_args(["train", "--out", "x", "--no-filler-loss"]).filler_loss is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -117,39 +118,63 @@ def _benchmark(base: dict, args: argparse.Namespace):
         return MultiStageConfig.from_dict({**base, **_data_fields(args)})
 
 
+def _config_args(group, config_cls, names: tuple[str, ...] | None = None) -> None:
+    """One flag per field of the dataclass ``config_cls`` (or of those in ``names``):
+    ``--field-name`` with the field's default, its metadata's help and choices, a
+    number type bounded by its metadata's "min", booleans as --x/--no-x, tuples of
+    names as comma-separated lists. Defaults and help have this one source."""
+    for f in dataclasses.fields(config_cls):
+        if names is not None and f.name not in names:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = f.metadata
+        kw: dict = {"default": default, "help": meta.get("help", "") + " (default: %(default)s)"}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kw["default"] = ",".join(default)
+        elif isinstance(default, (int, float)):
+            kw["type"] = _number(type(default), meta.get("min"), above=meta.get("above", False))
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _config_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] | None = None) -> dict:
+    """The parsed values of :func:`_config_args`' flags, by field name (comma lists
+    as tuples of distinct names)."""
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if (names is None or f.name in names) and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if isinstance(f.default, tuple):
+                value = _names(value, "--" + f.name.replace("_", "-"))
+            values[f.name] = value
+    return values
+
+
+def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    from prosg.method.train import TrainConfig
+
+    _config_args(p.add_argument_group("training"), TrainConfig, names or _TRAIN_FLAGS)
+
+
+# TrainConfig's fields with a `prosg train` flag (data and generator have their own).
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
+                "filler_loss", "seed", "data_seed")
+
+
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
     from prosg.method.generator import GeneratorConfig
 
-    d = GeneratorConfig()
-    g = p.add_argument_group("generator (docs/method.md)")
-    g.add_argument("--targets", default=",".join(d.targets),
-                   help="comma-separated module names or patterns (default: %(default)s)")
-    g.add_argument("--rank", type=positive_int, default=d.rank, help="rank r of every delta (default: %(default)s)")
-    g.add_argument("--scale", type=finite_float, default=d.scale)
-    g.add_argument("--hidden-size", type=positive_int, default=d.hidden_size,
-                   help="generator width (default: %(default)s)")
-    g.add_argument("--input-mode", choices=("shared", "true", "learned"), default=d.input_mode,
-                   help="where V comes from (default: %(default)s)")
-    g.add_argument("--features", choices=("all", "layer"), default=d.features,
-                   help="what the heads read (default: %(default)s)")
-    g.add_argument("--depth", type=positive_int, default=d.depth, help="trunk layers (default: %(default)s)")
-    g.add_argument("--encoder-layers", type=nonneg_int, default=d.encoder_layers,
-                   help="bidirectional encoder layers over the prompt (default: %(default)s)")
-    g.add_argument("--copy-tokens", action=argparse.BooleanOptionalAction, default=d.copy_tokens,
-                   help="the head-row term of residual-stream targets (default: %(default)s)")
-    g.add_argument("--filler-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="take the loss on ramble filler words too (default: %(default)s; without it the "
-                        "delta is free to disturb the ramble, see docs/results.md)")
+    _config_args(p.add_argument_group("generator (docs/method.md)"), GeneratorConfig)
 
 
 def _generator_fields(args: argparse.Namespace) -> dict:
     """The generator's config fields, validated (before anything is loaded)."""
     from prosg.method.generator import GeneratorConfig
 
-    targets = _names(args.targets, "--targets")
-    fields = {"targets": targets, "rank": args.rank, "scale": args.scale, "hidden_size": args.hidden_size,
-              "input_mode": args.input_mode, "features": args.features, "depth": args.depth,
-              "encoder_layers": args.encoder_layers, "copy_tokens": args.copy_tokens}
+    fields = _config_values(args, GeneratorConfig)
     with usage_errors():
         GeneratorConfig.from_dict(fields)
     return fields
@@ -205,10 +230,7 @@ def _train(args: argparse.Namespace) -> int:
     data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
     _benchmark(data, args)
     with usage_errors():
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                             grad_clip=args.grad_clip, seed=args.seed, data_seed=args.data_seed, data=data,
-                             generator=generator, filler_loss=args.filler_loss)
+        config = TrainConfig(**_config_values(args, TrainConfig, _TRAIN_FLAGS), data=data, generator=generator)
     result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device or None,
                    save_every=args.save_every, log_every=args.log_every, progress=not args.no_progress)
     hist = result["history"]
@@ -320,14 +342,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (checkpoint, generator, log)")
     add_replace_args(p, "continue from OUT/checkpoint.safetensors if present")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--steps", type=positive_int, default=300)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
-    p.add_argument("--lr", type=positive_float, default=1e-2)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.01)
-    p.add_argument("--warmup-steps", type=nonneg_int, default=20)
-    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="generator initialisation")
-    p.add_argument("--data-seed", type=int, default=0, help="benchmark seed of the training examples")
+    _add_training_args(p)
     _add_generator_args(p)
     p.add_argument("--save-every", type=positive_int, default=100)
     p.add_argument("--log-every", type=positive_int, default=10)
@@ -364,10 +379,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default 2000; --quick 300)")
     d.add_argument("--n", type=positive_int, default=None, help="held-out examples per seed (default 200; --quick 64)")
-    d.add_argument("--batch-size", type=positive_int, default=16)
-    d.add_argument("--lr", type=positive_float, default=1e-2)
+    _add_training_args(d, ("batch_size", "lr", "filler_loss", "seed"))
     _add_generator_args(d)
-    d.add_argument("--seed", type=int, default=0, help="generator initialisation")
     d.add_argument("--test-seeds", default="1,2,3",
                    help="benchmark seeds of the held-out prompts, n each (default: %(default)s; training uses seed 0)")
     d.add_argument("--device", default=None)

@@ -92,16 +92,25 @@ class GeneratorConfig:
             the model emit a token of the prompt.
     """
 
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    rank: int = 4
-    scale: float = 1.0
-    hidden_size: int = 64
-    input_mode: str = "shared"
-    features: str = "all"
-    depth: int = 1
-    encoder_layers: int = 0
-    heads: int = 4
-    copy_tokens: bool = True
+    # Each field's metadata is its command-line flag's help (prosg train/demo build
+    # their generator options from these fields); "min" bounds an int.
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
+        "help": "comma-separated module names or fnmatch patterns of the matrices that carry a delta"})
+    rank: int = field(default=4, metadata={"help": "rank r of every delta U V^T", "min": 1})
+    scale: float = field(default=1.0, metadata={"help": "the delta's scale: W + scale * U V^T"})
+    hidden_size: int = field(default=64, metadata={"help": "width of the generator's trunk", "min": 1})
+    input_mode: str = field(default="shared", metadata={
+        "help": "where V comes from: a learned input subspace per target (shared), the matrix's true inputs "
+                "(true) or a learned map of the hidden state (learned)", "choices": ("shared", "true", "learned")})
+    features: str = field(default="all", metadata={
+        "help": "what the heads read: every layer's normalised inputs through a shared trunk (all) or the "
+                "target's own layer (layer)", "choices": ("all", "layer")})
+    depth: int = field(default=1, metadata={"help": "GELU layers of the shared trunk", "min": 1})
+    encoder_layers: int = field(default=0, metadata={
+        "help": "bidirectional encoder layers over the prompt (features=all only)", "min": 0})
+    heads: int = field(default=4, metadata={"help": "attention heads of the encoder", "min": 1})
+    copy_tokens: bool = field(default=True, metadata={
+        "help": "the head-row (copy) term of the residual-stream targets"})
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

@@ -74,16 +74,21 @@ class TrainConfig:
     """Everything that determines a training run (saved in every checkpoint; a resumed
     run must match it)."""
 
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-2
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    filler_loss: bool = True  # False: no loss on ramble filler words (see make_batch)
-    seed: int = 0
-    data_seed: int = 0
+    # Each field's metadata is its `prosg train` flag's help; "min" bounds a number
+    # (from below; "above": strictly).
+    steps: int = field(default=300, metadata={"help": "optimizer steps", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "examples per step, per process", "min": 1})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW)", "min": 0, "above": True})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "min": 0})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps", "min": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "the cosine schedule's final learning rate, as a fraction of the peak", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)", "min": 0})
+    filler_loss: bool = field(default=True, metadata={
+        "help": "take the loss on ramble filler words too (without it the delta is free to disturb the "
+                "ramble, see docs/results.md)"})
+    seed: int = field(default=0, metadata={"help": "generator initialisation"})
+    data_seed: int = field(default=0, metadata={"help": "benchmark seed of the training examples"})
     data: dict = field(default_factory=dict)  # MultiStageConfig fields
     generator: dict = field(default_factory=dict)  # GeneratorConfig fields
 
