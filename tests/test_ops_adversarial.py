@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
 from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
+from prosg.ops.rwkv4_step import CHANNEL_MIX_KINDS, TIME_MIX_KINDS
 from prosg.reference import lowrank_linear_ref
 
 OPS = torch.ops.prosg
@@ -530,8 +531,7 @@ def test_backward_ops_refuse_inputs_requiring_grad(spec_name):
 STEP_SPECS = ["rwkv4_time_mix_step", "rwkv4_channel_mix_step"]
 STEP_CASES = [pytest.param(spec_name, slot, id=f"{spec_name}-{slot_id(slot)}")
               for spec_name in STEP_SPECS for slot in tensor_slots(SPECS[spec_name].make())]
-KINDS = {"rwkv4_time_mix_step": ("key", "value", "receptance", "output"),
-         "rwkv4_channel_mix_step": ("key", "receptance", "value")}
+KINDS = {"rwkv4_time_mix_step": TIME_MIX_KINDS, "rwkv4_channel_mix_step": CHANNEL_MIX_KINDS}
 
 
 def _step_name(spec_name: str, slot) -> str:

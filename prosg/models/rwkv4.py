@@ -140,7 +140,7 @@ class RWKV4TimeMix(nn.Module):
                 x, prev if prev is not None else torch.zeros_like(x), wkv_state, self.time_mix_key,
                 self.time_mix_value, self.time_mix_receptance, self.time_decay, self.time_first, self.key.weight,
                 self.value.weight, self.receptance.weight, self.output.weight,
-                [delta.get(kind) for kind in ("key", "value", "receptance", "output")], scale)
+                [delta.get(kind) for kind in ATTENTION_KINDS], scale)
             return out, x, wkv_state
         shifted = token_shift(x, prev)
         # lerp(a, b, m) = a + m (b - a): HF's x m + shifted (1 - m) in one kernel.
@@ -181,7 +181,7 @@ class RWKV4ChannelMix(nn.Module):
             out = rwkv4_channel_mix_step(
                 x, prev if prev is not None else torch.zeros_like(x), self.time_mix_key, self.time_mix_receptance,
                 self.key.weight, self.receptance.weight, self.value.weight,
-                [delta.get(kind) for kind in ("key", "receptance", "value")], scale)
+                [delta.get(kind) for kind in FEED_FORWARD_KINDS], scale)
             return out, x
         shifted = token_shift(x, prev)
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))

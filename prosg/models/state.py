@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from prosg.numerics import EMPTY_MAX, accumulation_dtype
+# The matrices of a block that can carry a delta, in the order the fused decode-step
+# ops take their deltas (the one definition of both).
+from prosg.ops.rwkv4_step import CHANNEL_MIX_KINDS as FEED_FORWARD_KINDS
+from prosg.ops.rwkv4_step import TIME_MIX_KINDS as ATTENTION_KINDS
 
-ATTENTION_KINDS = ("key", "value", "receptance", "output")
-FEED_FORWARD_KINDS = ("key", "receptance", "value")
 _NAME = re.compile(r"^blocks\.(\d+)\.(attention|feed_forward)\.(\w+)$")
 
 
