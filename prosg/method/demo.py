@@ -27,7 +27,7 @@ from prosg.data import Example, MultiStageConfig, generate_examples
 from prosg.method.evaluation import EvalResult, aggregate, evaluate, format_result, repeat_prompt
 from prosg.method.generator import SyntheticGradientGenerator
 from prosg.method.outputs import atomic_write, atomic_write_text
-from prosg.models import RWKV4LM
+from prosg.models.protocol import RecurrentLM
 
 log = logging.getLogger("prosg.demo")
 
@@ -36,7 +36,7 @@ METHODS = ("baseline", "repeat_prompt", "prosg")
 REPORT_FILES = ("report.json", "report.md", "forgetting.png")
 
 
-def prosg_delta_fn(model: RWKV4LM, generator: SyntheticGradientGenerator):
+def prosg_delta_fn(model: RecurrentLM, generator: SyntheticGradientGenerator):
     """``evaluate``'s ``delta_fn``: the generator's delta for a (left-padded) prompt batch."""
 
     @torch.no_grad()
@@ -46,7 +46,7 @@ def prosg_delta_fn(model: RWKV4LM, generator: SyntheticGradientGenerator):
     return delta_fn
 
 
-def run_methods(model: RWKV4LM, examples: list[Example], generator: SyntheticGradientGenerator | None,
+def run_methods(model: RecurrentLM, examples: list[Example], generator: SyntheticGradientGenerator | None,
                 methods: tuple[str, ...] = METHODS, *, batch_size: int = 32,
                 progress: bool = False) -> dict[str, EvalResult]:
     """Each method's :class:`EvalResult` on ``examples``."""
@@ -74,7 +74,7 @@ def run_methods(model: RWKV4LM, examples: list[Example], generator: SyntheticGra
     return results
 
 
-def run_seeds(model: RWKV4LM, benchmark: MultiStageConfig, seeds: list[int], n: int,
+def run_seeds(model: RecurrentLM, benchmark: MultiStageConfig, seeds: list[int], n: int,
               generator: SyntheticGradientGenerator | None, methods: tuple[str, ...] = METHODS, *,
               batch_size: int = 32, progress: bool = False
               ) -> tuple[dict[str, EvalResult], dict[int, dict[str, EvalResult]]]:

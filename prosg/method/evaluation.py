@@ -16,7 +16,7 @@ Conventions (shared with the ProSG method, see docs/base_model.md):
 * **Prompts of different lengths.** An RWKV state is changed by every token it reads,
   so left-padding prompts to one length would feed pads into the state. Each batch is
   prefilled in groups of equal prompt length (all but the last prompt token), the
-  states are gathered back into batch order (:class:`RWKV4State` tensors), and the
+  states are gathered back into batch order (the model's state objects), and the
   decode runs batched from there. Examples are sorted by (response, prompt) length
   first, so a batch has few prefill groups and similar decode lengths.
 * **Where a delta applies.** ``delta_fn`` gets the batch's prompts and returns a
@@ -41,7 +41,9 @@ import torch
 from prosg.data.batching import Batch, Collator, TokenizedPair
 from prosg.data.multistage import Example, StageScore, Verification, mean_scores
 from prosg.data.vocab import benchmark_tokenizer
-from prosg.models import Delta, RWKV4LM, RWKV4State
+from prosg.models import Delta
+from prosg.models.generation import generate, prefill
+from prosg.models.protocol import RecurrentLM, RecurrentState
 
 #: Extra tokens allowed beyond each example's reference response length: lets a model
 #: that overruns a span still be scored (as wrong) instead of cut mid-way.
@@ -145,32 +147,16 @@ def aggregate(records: Sequence[EvalRecord], *, distance_bin: int = DEFAULT_DIST
                       records=list(records))
 
 
-def _prefill(model: RWKV4LM, prompts: list[list[int]]) -> RWKV4State | None:
-    """The state after all but the last token of each prompt, in ``prompts``' order;
-    equal-length prompts run as one batch (no padding ever enters a state)."""
-    B = len(prompts)
-    cfg = model.config
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p) - 1, []).append(i)
-    if set(groups) == {0}:
-        return None  # one-token prompts: generation starts from the empty state
-    state = RWKV4State.zeros(cfg.num_hidden_layers, B, cfg.hidden_size, cfg.attention_hidden_size,
-                             dtype=model.dtype, device=model.device)
-    for length, rows in groups.items():
-        if length == 0:
-            continue
-        ids = torch.tensor([prompts[i][:-1] for i in rows], dtype=torch.long, device=model.device)
-        _, s = model(ids, logits_to_keep=1)
-        index = torch.tensor(rows, dtype=torch.long, device=model.device)
-        state.att_shift.index_copy_(1, index, s.att_shift)
-        state.ffn_shift.index_copy_(1, index, s.ffn_shift)
-        state.wkv.index_copy_(1, index, s.wkv)
-    return state
+def _prefill(model: RecurrentLM, prompts: list[list[int]]) -> RecurrentState | None:
+    """The state after all but the last token of each prompt, in ``prompts``' order
+    (equal-length prompts run as one batch, :func:`prosg.models.generation.prefill`)."""
+    width = max(len(p) for p in prompts) - 1
+    ids = torch.tensor([p[:-1] + [0] * (width - len(p) + 1) for p in prompts], dtype=torch.long, device=model.device)
+    return prefill(model, ids, [len(p) - 1 for p in prompts])
 
 
 @torch.no_grad()
-def generate_responses(model: RWKV4LM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+def generate_responses(model: RecurrentLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                        delta: Delta | dict | None = None, eos_id: int | None = None) -> list[list[int]]:
     """Greedy responses (token ids, the ``<eos>`` included when produced) of a batch of
     prompts of any lengths; ``delta`` (batch = len(prompts)) applies from each prompt's
@@ -185,7 +171,7 @@ def generate_responses(model: RWKV4LM, prompts: Sequence[Sequence[int]], max_new
     eos_id = benchmark_tokenizer().eos_id if eos_id is None else eos_id
     state = _prefill(model, prompts)
     last = torch.tensor([[p[-1]] for p in prompts], dtype=torch.long, device=model.device)
-    out = model.generate(last, max(limits), delta, state=state, stop_tokens=[eos_id])[:, 1:].tolist()
+    out = generate(model, last, max(limits), delta, state=state, stop_tokens=[eos_id])[:, 1:].tolist()
     responses = []
     for row, limit in zip(out, limits):
         row = row[:limit]
@@ -195,13 +181,14 @@ def generate_responses(model: RWKV4LM, prompts: Sequence[Sequence[int]], max_new
     return responses
 
 
-def evaluate(model: RWKV4LM, examples: Sequence[Example], *, delta_fn: DeltaFn | None = None,
+def evaluate(model: RecurrentLM, examples: Sequence[Example], *, delta_fn: DeltaFn | None = None,
              prompt_fn: PromptFn | None = None, batch_size: int = 32, margin: int = DEFAULT_MARGIN,
              distance_bin: int = DEFAULT_DISTANCE_BIN, progress: bool = False) -> EvalResult:
     """Greedy responses of ``model`` to ``examples``, verified and aggregated.
 
     Args:
-        model: an :class:`RWKV4LM` over the benchmark vocabulary (run in eval mode).
+        model: a :class:`prosg.models.protocol.RecurrentLM` (e.g. :class:`prosg.models.RWKV4LM`)
+            over the benchmark vocabulary (run in eval mode).
         examples: benchmark examples (any config, tagged or not).
         delta_fn: ``delta_fn(prompts) -> Delta`` for each batch: ``prompts`` is a
             :class:`prosg.data.Batch` of the (transformed) prompts, left-padded by the

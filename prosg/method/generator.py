@@ -34,21 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prosg.models import Delta, RWKV4LM
-from prosg.models.rwkv4 import token_shift
+from prosg.models import Delta
+from prosg.models.protocol import LayerInputs, RecurrentLM
 from prosg.models.state import parse_delta_name
 
 #: Default targets: all seven projection matrices of every layer (docs/results.md
 #: compares subsets).
 DEFAULT_TARGETS = ("blocks.*.attention.*", "blocks.*.feed_forward.*")
-
-#: Targets whose true input the generator rebuilds from the hooked LayerNorm outputs:
-#: the token-shift mix of ``ln1`` (time-mix) or ``ln2`` (channel-mix) output, and for
-#: ``feed_forward.value`` the squared-ReLU channel-mix key. ``attention.output``'s
-#: input (receptance * WKV) is not rebuilt: its ``x_hat`` is a learned map.
-_TRUE_INPUT = {("attention", "key"), ("attention", "value"), ("attention", "receptance"),
-               ("feed_forward", "key"), ("feed_forward", "receptance"), ("feed_forward", "value")}
-
 
 @dataclass
 class GeneratorConfig:
@@ -56,7 +48,7 @@ class GeneratorConfig:
 
     Attributes:
         targets: module names or ``fnmatch`` patterns over
-            :meth:`RWKV4LM.delta_shapes` (``blocks.*.attention.key``); each must match.
+            :meth:`RecurrentLM.delta_shapes` (``blocks.*.attention.key``); each must match.
         rank: ``r`` of every delta ``U V^T``.
         scale: the delta's ``scale`` (``W + scale * U V^T``).
         hidden_size: width of the per-target trunk ``z_t``.
@@ -165,11 +157,15 @@ def resolve_targets(patterns: tuple[str, ...] | list[str], shapes: dict[str, tup
         if not hits:
             if not any(c in bare for c in "*?["):
                 parse_delta_name(bare)  # a malformed name gets the model's own message
+            kinds: dict[str, list[str]] = {}
+            for n in shapes:
+                _, part, kind = parse_delta_name(n)
+                if kind not in kinds.setdefault(part, []):
+                    kinds[part].append(kind)
+            valid = " and ".join(f"blocks.<i>.{part}.{{{','.join(ks)}}}" for part, ks in kinds.items())
             examples = ", ".join(list(shapes)[:4])
             raise ValueError(f"generator target {pattern!r} matches no module of the model; valid names are "
-                             f"blocks.<i>.attention.{{key,value,receptance,output}} and "
-                             f"blocks.<i>.feed_forward.{{key,receptance,value}} with i < "
-                             f"{1 + max(parse_delta_name(n)[0] for n in shapes)} (e.g. {examples})")
+                             f"{valid} with i < {1 + max(parse_delta_name(n)[0] for n in shapes)} (e.g. {examples})")
         chosen.update(hits)
     return [n for n in shapes if n in chosen]
 
@@ -178,11 +174,12 @@ def resolve_targets(patterns: tuple[str, ...] | list[str], shapes: dict[str, tup
 class PromptFeatures:
     """What the generator reads from the frozen model over a prompt batch.
 
-    ``ln1[l]``/``ln2[l]``: ``[B, P, H]`` the time-mix / channel-mix LayerNorm outputs of
-    layer ``l`` at every prompt position; ``summary``: ``[B, H]`` the final LayerNorm
-    output at each prompt's last real token (what the whole prompt left in the state);
-    ``mask``: ``[B, P]`` bool, the real tokens; ``ids``: ``[B, P]`` the (right-packed)
-    prompt token ids.
+    ``ln1[l]``/``ln2[l]``: ``[B, P, H]`` the normalised inputs of layer ``l``'s
+    token mixing / channel mixing at every prompt position (RWKV: the ``ln1`` and
+    ``ln2`` outputs); ``summary``: ``[B, H]`` the final normalised state at each
+    prompt's last real token (what the whole prompt left in the state); ``mask``:
+    ``[B, P]`` bool, the real tokens; ``ids``: ``[B, P]`` the (right-packed) prompt
+    token ids; ``final``: ``[B, P, H]`` the final normalised state at every position.
     """
 
     ln1: list[Tensor]
@@ -191,9 +188,10 @@ class PromptFeatures:
     mask: Tensor
     ids: Tensor | None = None
     extra: dict = field(default_factory=dict)
+    final: Tensor | None = None
 
 
-def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _check_prompt(model: RecurrentLM, prompt_ids: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Validates a prompt batch and returns it right-padded: each row's real tokens (in
     order) first, pads after, so that the model reads every real token exactly as it
     would without padding. Left-padded batches (prosg.data's default) are re-packed."""
@@ -217,62 +215,29 @@ def _check_prompt(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None
 
 
 @torch.no_grad()
-def prompt_features(model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PromptFeatures:
-    """Runs the frozen ``model`` over the prompts and collects, with forward hooks on
-    every block's ``ln1``/``ln2`` and on ``ln_out`` (the model itself is not changed),
-    the per-token normalized hidden states. ``prompt_mask`` marks the real tokens (any
-    padding side; the features come back right-padded). No gradient reaches the model."""
+def prompt_features(model: RecurrentLM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PromptFeatures:
+    """Runs the frozen ``model`` over the prompts and collects the per-token
+    normalised inputs of every layer (:meth:`RecurrentLM.layer_inputs`; the model is
+    not changed). ``prompt_mask`` marks the real tokens (any padding side; the features
+    come back right-padded). No gradient reaches the model."""
     prompt_ids, mask = _check_prompt(model, prompt_ids, prompt_mask)
-    ln1: dict[int, Tensor] = {}
-    ln2: dict[int, Tensor] = {}
-    out: list[Tensor] = []
-    handles = []
-
-    def keep(store, key):
-        def hook(_module, _inputs, output):
-            store[key] = output
-        return hook
-
-    try:
-        for i, block in enumerate(model.blocks):
-            handles.append(block.ln1.register_forward_hook(keep(ln1, i)))
-            handles.append(block.ln2.register_forward_hook(keep(ln2, i)))
-        handles.append(model.ln_out.register_forward_hook(lambda _m, _i, o: out.append(o)))
-        model(prompt_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    P = prompt_ids.shape[1]
-
-    def as3(t: Tensor) -> Tensor:  # a one-token prompt runs on [B, H] tensors
-        return t.unsqueeze(1) if t.dim() == 2 else t
-
-    L = len(model.blocks)
-    final = as3(out[-1])
+    inputs = model.layer_inputs(prompt_ids)
+    final = inputs.final
     last = (mask.sum(1) - 1).view(-1, 1, 1).expand(-1, 1, final.shape[-1])
     summary = final.gather(1, last).squeeze(1)
-    feats = PromptFeatures([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], summary, mask,
-                           prompt_ids)
+    feats = PromptFeatures(inputs.attention, inputs.feed_forward, summary, mask, prompt_ids, final=final)
+    P = prompt_ids.shape[1]
     assert all(t.shape[1] == P for t in feats.ln1 + feats.ln2)
     return feats
 
 
 @torch.no_grad()
-def true_input(model: RWKV4LM, feats: PromptFeatures, name: str) -> Tensor | None:
+def true_input(model: RecurrentLM, feats: PromptFeatures, name: str) -> Tensor | None:
     """The input ``x_t [B, P, Din]`` of matrix ``name`` at every prompt token, rebuilt
-    from the hooked LayerNorm outputs exactly as the model computes it (base weights,
-    no delta); None for ``attention.output``."""
-    layer, part, kind = parse_delta_name(name)
-    if (part, kind) not in _TRUE_INPUT:
-        return None
-    module = getattr(model.blocks[layer], part)
-    a = feats.ln1[layer] if part == "attention" else feats.ln2[layer]
-    shifted = token_shift(a, None)  # a prompt starts from the empty state
-    if part == "feed_forward" and kind == "value":
-        xk = torch.lerp(shifted, a, module.time_mix_key.view(-1))
-        return torch.square(torch.relu(F.linear(xk, module.key.weight)))
-    mix = getattr(module, f"time_mix_{kind}")
-    return torch.lerp(shifted, a, mix.view(-1))
+    by the model from the collected layer inputs exactly as its forward computes it
+    (base weights, no delta); None where the model does not rebuild it (RWKV-4:
+    ``attention.output``)."""
+    return model.delta_input(name, LayerInputs(feats.ln1, feats.ln2, feats.final))
 
 
 #: Width of the sinusoidal code of a token's distance from the prompt's end.
@@ -345,7 +310,7 @@ class SyntheticGradientGenerator(nn.Module):
     parameters are all that training changes.
     """
 
-    def __init__(self, model: RWKV4LM, config: GeneratorConfig | None = None):
+    def __init__(self, model: RecurrentLM, config: GeneratorConfig | None = None):
         super().__init__()
         self.config = config = config if config is not None else GeneratorConfig()
         shapes = model.delta_shapes()
@@ -378,9 +343,9 @@ class SyntheticGradientGenerator(nn.Module):
             layer, part, kind = parse_delta_name(name)
             d_out, d_in = shapes[name]
             kind_of_input = config.input_mode
-            if kind_of_input == "true" and (part, kind) not in _TRUE_INPUT:
+            if kind_of_input == "true" and not model.has_delta_input(name):
                 kind_of_input = "learned"
-            writes_residual = (part, kind) in (("attention", "output"), ("feed_forward", "value"))
+            writes_residual = model.writes_residual(name)
             self.heads[self._key(name)] = _TargetHead(head_input, config.hidden_size, d_out, d_in,
                                                       config.rank, kind_of_input,
                                                       config.copy_tokens and writes_residual)
@@ -389,21 +354,22 @@ class SyntheticGradientGenerator(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "_")  # ModuleDict keys cannot hold dots
 
-    def _check_model(self, model: RWKV4LM) -> None:
-        if not isinstance(model, RWKV4LM):
-            raise TypeError(f"model must be a prosg.models.RWKV4LM, got {type(model)}")
+    def _check_model(self, model: RecurrentLM) -> None:
+        if not isinstance(model, RecurrentLM):
+            raise TypeError(f"model must be a prosg model (prosg.models.protocol.RecurrentLM, e.g. "
+                            f"prosg.models.RWKV4LM), got {type(model)}")
         shapes = model.delta_shapes()
         for name, shape in self.shapes.items():
             if shapes.get(name) != shape:
                 raise ValueError(f"the generator was built for {name} of shape {shape}, the model has "
                                  f"{shapes.get(name)}: a generator belongs to one model shape")
 
-    def forward(self, model: RWKV4LM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> Delta:
+    def forward(self, model: RecurrentLM, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> Delta:
         self._check_model(model)
         feats = prompt_features(model, prompt_ids, prompt_mask)
         return self.from_features(model, feats)
 
-    def from_features(self, model: RWKV4LM, feats: PromptFeatures) -> Delta:
+    def from_features(self, model: RecurrentLM, feats: PromptFeatures) -> Delta:
         """The delta from already collected :func:`prompt_features` (lets a caller run
         the prompt once for several generators or steps)."""
         dtype = self.heads[self._key(self.targets[0])].token.weight.dtype
@@ -430,7 +396,7 @@ class SyntheticGradientGenerator(nn.Module):
             # Pads: their h/x are finite (the model ran over them) and alpha is exactly
             # zero there, so they contribute nothing.
             if head.copy_gain is not None and head_rows is None:
-                head_rows = F.embedding(feats.ids, model.head.weight).to(dtype)
+                head_rows = F.embedding(feats.ids, model.output_embeddings()).to(dtype)
             factors[name] = head(h, summary, feats.mask, x, head_rows if head.copy_gain is not None else None)
         return Delta(factors, float(self.config.scale))
 

@@ -52,7 +52,8 @@ from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, collate, encode_ex
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
 from prosg.method.outputs import atomic_write, atomic_write_text, locked, refuse_existing
-from prosg.models import RWKV4LM, RWKV4State
+from prosg.models.generation import prefill
+from prosg.models.protocol import RecurrentLM, RecurrentState
 
 log = logging.getLogger("prosg.train")
 
@@ -156,25 +157,11 @@ def batch_indices(config: TrainConfig, step: int, rank: int, world: int) -> rang
 # --------------------------------------------------------------------------- loss
 
 
-@torch.no_grad()
-def prefix_state(model: RWKV4LM, prompt_ids: Tensor, prompt_lengths: Tensor) -> RWKV4State | None:
+def prefix_state(model: RecurrentLM, prompt_ids: Tensor, prompt_lengths: Tensor) -> RecurrentState | None:
     """The base model's state after all but the last token of each (right-padded)
-    prompt, without delta; rows of equal length run together, so no pad ever enters a
-    state. None when every prompt is one token (the empty state)."""
-    B = prompt_ids.shape[0]
-    cfg = model.config
-    lengths = prompt_lengths.tolist()
-    if all(n == 1 for n in lengths):
-        return None
-    state = RWKV4State.zeros(cfg.num_hidden_layers, B, cfg.hidden_size, cfg.attention_hidden_size,
-                             dtype=model.dtype, device=model.device)
-    for n in sorted(set(lengths) - {1}):
-        rows = torch.tensor([b for b in range(B) if lengths[b] == n], dtype=torch.long, device=model.device)
-        _, s = model(prompt_ids.index_select(0, rows)[:, : n - 1], logits_to_keep=1)
-        state.att_shift.index_copy_(1, rows, s.att_shift)
-        state.ffn_shift.index_copy_(1, rows, s.ffn_shift)
-        state.wkv.index_copy_(1, rows, s.wkv)
-    return state
+    prompt, without delta (:func:`prosg.models.generation.prefill`). None when every
+    prompt is one token (the empty state)."""
+    return prefill(model, prompt_ids, prompt_lengths - 1)
 
 
 def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
@@ -194,7 +181,7 @@ def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
     return ids, labels
 
 
-def response_loss(model: RWKV4LM, batch: Batch, delta=None, state: RWKV4State | None = None) -> Tensor:
+def response_loss(model: RecurrentLM, batch: Batch, delta=None, state: RecurrentState | None = None) -> Tensor:
     """Mean next-token cross-entropy over the response tokens of a right-padded batch,
     with ``delta`` applied from each prompt's last token on (the convention of
     :func:`prosg.method.evaluation.evaluate`): the prompt but its last token is read by
@@ -211,18 +198,18 @@ class _Objective(nn.Module):
     """The generator plus the loss, as one module for DDP. The frozen base model is
     held outside the module tree (DDP must neither broadcast nor reduce it)."""
 
-    def __init__(self, generator: SyntheticGradientGenerator, model: RWKV4LM):
+    def __init__(self, generator: SyntheticGradientGenerator, model: RecurrentLM):
         super().__init__()
         self.generator = generator
         self._model = [model]
 
-    def forward(self, batch: Batch, state: RWKV4State | None) -> Tensor:
+    def forward(self, batch: Batch, state: RecurrentState | None) -> Tensor:
         model = self._model[0]
         delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
         return response_loss(model, batch, delta, state)
 
 
-def freeze(model: RWKV4LM) -> RWKV4LM:
+def freeze(model: RecurrentLM) -> RecurrentLM:
     """Eval mode, no parameter requires grad: the base model is never trained."""
     model.eval()
     for p in model.parameters():
@@ -278,7 +265,7 @@ def tensor_digest(tensors: dict[str, Tensor], meta: dict[str, str] | None = None
 _CARRIED_ONLY = ("bos_token_id", "eos_token_id", "context_length")
 
 
-def base_identity(model: RWKV4LM) -> dict:
+def base_identity(model: RecurrentLM) -> dict:
     """What a generator is tied to: the base model's class, its config (sizes and
     every setting that changes its function) and a sha256 of its weights."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _CARRIED_ONLY}
@@ -286,7 +273,7 @@ def base_identity(model: RWKV4LM) -> dict:
             "weights_sha256": tensor_digest(model.state_dict())}
 
 
-def check_base(meta: dict[str, str], model: RWKV4LM, path: str | Path,
+def check_base(meta: dict[str, str], model: RecurrentLM, path: str | Path,
                identity: dict | None = None) -> None:
     """ValueError naming what differs when the checkpoint at ``path`` (its ``meta``)
     was trained on another base model than ``model`` (``identity``: its
@@ -365,7 +352,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, meta
 
 
-def generator_from_checkpoint(tensors: dict[str, Tensor], meta: dict[str, str], model: RWKV4LM,
+def generator_from_checkpoint(tensors: dict[str, Tensor], meta: dict[str, str], model: RecurrentLM,
                               path: str | Path) -> SyntheticGradientGenerator:
     """The generator a :func:`read_checkpoint` result holds, for ``model`` (checked to be
     the base it was trained on), in eval mode."""
@@ -376,7 +363,7 @@ def generator_from_checkpoint(tensors: dict[str, Tensor], meta: dict[str, str], 
     return generator.to(model.device).eval()
 
 
-def load_generator(path: str | Path, model: RWKV4LM) -> SyntheticGradientGenerator:
+def load_generator(path: str | Path, model: RecurrentLM) -> SyntheticGradientGenerator:
     """A trained generator from a checkpoint (``checkpoint.safetensors`` or the final
     ``generator.safetensors``), for ``model`` (the base it was trained on), in eval mode."""
     return generator_from_checkpoint(*read_checkpoint(path), model, path)
@@ -424,7 +411,65 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+@dataclass
+class Run:
+    """Where this process trains: its rank among torchrun's processes (one process
+    otherwise), its device, and whether it runs through a process group (then the
+    ranks agree on every stop and only rank 0 writes the run folder)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    distributed: bool
+    owns_group: bool = False  # the process group was created here, so it is destroyed here
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(device: str | torch.device | None) -> Run:
+    """The :class:`Run` of this process: ``device`` (default: this rank's GPU, else the
+    CPU), and under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set, any world size) a
+    process group unless one exists."""
+    rank, world, local_rank = _distributed()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run = Run(rank, world, device, distributed=_launched_distributed())
+    if run.distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            run.owns_group = True
+    return run
+
+
+def end_run(run: Run) -> None:
+    if run.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step."""
+
+    generator: SyntheticGradientGenerator
+    optimizer: torch.optim.Optimizer
+    step: int  # completed optimizer steps
+    saved_step: int | None  # the step of the checkpoint on disk (for the divergence message)
+    history: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           overwrite: bool = False, device: str | torch.device | None = None, save_every: int = 100,
           log_every: int = 10, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Trains a generator for the frozen ``model`` and writes ``out_dir``:
@@ -438,8 +483,8 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
     they were.
 
     ``on_step(step, record)`` is called after every optimizer step (``step`` counts
-    completed steps). Under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set, any world
-    size) a process group is created here unless one exists (and then destroyed at the end).
+    completed steps). Under torchrun a process group is created here unless one exists
+    (and then destroyed at the end); see :func:`start_run`.
 
     Returns ``{"generator", "history" (logged records), "final_step"}``.
     """
@@ -448,32 +493,154 @@ def train(model: RWKV4LM, config: TrainConfig, out_dir: str | Path, *, resume: b
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other (continue the run in out_dir, or replace it)")
     out_dir = Path(out_dir)
-    rank, world, local_rank = _distributed()
-    if rank == 0:  # the others would race with its first writes
+    if _distributed()[0] == 0:  # the other ranks would race with its first writes
         refuse_run_dir(out_dir, resume, overwrite)
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    distributed = _launched_distributed()
-    created = False
-    if distributed:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            created = True
+    run = start_run(device)
     try:
-        return _train(model, config, out_dir, resume, overwrite, device, rank, world, save_every, log_every,
-                      progress and rank == 0, on_step, distributed)
-    finally:
-        if created:
-            import torch.distributed as dist
+        freeze(model).to(run.device)
+        base = base_identity(model)
+        # Only rank 0 writes, so only it holds the folder (the other ranks would lock it out).
+        with locked(out_dir) if run.writes else contextlib.nullcontext():
+            # -- the generator: fresh, or where the checkpoint left it
+            state = init_or_resume(model, config, out_dir, run, resume, overwrite, base)
+            objective = _objective(state.generator, model, run)
+            data = config.data_config()
+            # -- the loop
+            from tqdm.auto import tqdm
 
-            dist.destroy_process_group()
+            first = state.step
+            # closed on an error too: a bar left open would run into the error line
+            with tqdm(total=config.steps, initial=first, disable=not (progress and run.writes), desc="prosg train",
+                      dynamic_ncols=True) as bar:
+                for step in range(first, config.steps):
+                    batch = make_batch(data, config.data_seed, batch_indices(config, step, run.rank, run.world),
+                                       filler_loss=config.filler_loss).to(run.device)
+                    record, prefix = train_step(objective, state, model, batch, lr_at(config, step), config, run,
+                                                out_dir)
+                    log_and_save(record, state, model, batch, prefix, config, run, out_dir, base,
+                                 log_step=step == first or state.step % log_every == 0 or state.step == config.steps,
+                                 save_step=state.step % save_every == 0 or state.step == config.steps)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if on_step is not None:
+                        on_step(state.step, record)
+            # -- the final generator
+            if run.writes:
+                save_checkpoint(out_dir / GENERATOR, state.generator, None, config.steps, config, base)
+        state.generator.eval()
+        return {"generator": state.generator, "history": state.history, "final_step": config.steps}
+    finally:
+        end_run(run)
+
+
+def init_or_resume(model: RecurrentLM, config: TrainConfig, out_dir: Path, run: Run, resume: bool,
+                   overwrite: bool, base: dict) -> Progress:
+    """A fresh generator and AdamW from ``config.seed``, or with ``resume`` the ones of
+    ``out_dir``'s checkpoint (weights, optimizer, RNG states and step; its settings and
+    base model must be this run's). Prepares the folder: replaced with ``overwrite``,
+    the config written, the log started or cut back to the checkpoint's step."""
+    if run.writes:
+        refuse_run_dir(out_dir, resume, overwrite)  # again: another run may have finished meanwhile
+        if overwrite:
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    generator = SyntheticGradientGenerator(model, config.generator_config()).to(run.device)
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = Progress(generator, optimizer, step=0, saved_step=None)
+    ckpt = out_dir / CHECKPOINT
+    if resume and ckpt.is_file():
+        tensors, meta = read_checkpoint(ckpt)
+        saved = json.loads(meta["train_config"])
+        if saved != json.loads(config.to_json()):
+            diff = sorted(k for k in set(saved) | set(asdict(config)) if saved.get(k) != asdict(config).get(k))
+            raise ValueError(f"--resume: {ckpt} was written by a run with a different configuration "
+                             f"(fields {diff}); use the same settings or another --out")
+        check_base(meta, model, ckpt, base)
+        generator.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
+                                   if k.startswith("generator.")})
+        _load_optimizer(optimizer, tensors, meta)
+        _set_rng_state(tensors, meta)
+        state.step = state.saved_step = int(meta["step"])
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    if run.writes:
+        atomic_write_text(out_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        if state.step == 0:
+            atomic_write_text(out_dir / LOG_FILE, "")
+        else:
+            _trim_log(out_dir / LOG_FILE, state.step)
+    log.info("generator: %d parameters, targets %s, rank %d; base model frozen (%d parameters)",
+             generator.num_parameters(), generator.targets, generator.config.rank,
+             sum(p.numel() for p in model.parameters()))
+    return state
+
+
+def _objective(generator: SyntheticGradientGenerator, model: RecurrentLM, run: Run) -> nn.Module:
+    objective: nn.Module = _Objective(generator, model)
+    if run.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # device_ids=None: the module lives on one device and the inputs already do, so
+        # DDP need not move them (its scatter does not know Batch or the model's state).
+        objective = DistributedDataParallel(objective, device_ids=None)
+    return objective
+
+
+def train_step(objective: nn.Module, state: Progress, model: RecurrentLM, batch: Batch, lr: float,
+               config: TrainConfig, run: Run, out_dir: Path) -> tuple[dict, RecurrentState | None]:
+    """One optimizer step of the generator on ``batch`` at ``lr``. Raises
+    :class:`TrainingDiverged` (on every rank alike) before a non-finite loss or
+    gradient reaches the weights, or when the update made them non-finite. Returns the
+    step's record and the batch's prefix state (for the base loss of a logged step)."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.generator.train()
+    prefix = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
+    loss = objective(batch, prefix)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.generator.parameters(), config.grad_clip or float("inf"))
+    done = state.step + 1
+    if not _all_finite([loss, grad_norm], run.distributed):
+        raise _diverged(state, out_dir, done, f"loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}",
+                        lr)
+    state.optimizer.step()
+    if not _all_finite(list(state.generator.parameters()), run.distributed):
+        raise _diverged(state, out_dir, done,
+                        f"the update made {nonfinite(state.generator.named_parameters())[:3]} non-finite", lr)
+    state.step = done
+    return {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}, prefix
+
+
+def log_and_save(record: dict, state: Progress, model: RecurrentLM, batch: Batch, prefix: RecurrentState | None,
+                 config: TrainConfig, run: Run, out_dir: Path, base: dict, *, log_step: bool,
+                 save_step: bool) -> None:
+    """A logged step gets the base model's loss on the same batch (no delta) and the
+    elapsed time, and a line in the log (rank 0); a saved step replaces the checkpoint
+    (rank 0, atomically)."""
+    if log_step:
+        with torch.no_grad():
+            record["base_loss"] = float(response_loss(model, batch, None, prefix))
+        record["elapsed_s"] = round(time.perf_counter() - state.started, 2)
+        state.history.append(record)
+        if run.writes:
+            with open(out_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("step %d loss %.4f (base %.4f) lr %.2e grad %.3f", record["step"], record["loss"],
+                      record["base_loss"], record["lr"], record["grad_norm"])
+    if save_step and run.writes:
+        save_checkpoint(out_dir / CHECKPOINT, state.generator, state.optimizer, state.step, config, base)
+        state.saved_step = state.step
+
+
+def _diverged(state: Progress, out_dir: Path, step: int, what: str, lr: float) -> TrainingDiverged:
+    kept = (f"{out_dir / CHECKPOINT} (step {state.saved_step}) is kept as it was" if state.saved_step is not None
+            else "no checkpoint had been written")
+    return TrainingDiverged(f"training diverged at step {step}: {what} (lr {lr:.3g}); nothing of this step "
+                            f"was saved, {kept}; try a lower --lr or a --grad-clip")
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -501,115 +668,3 @@ def _all_finite(values: list[Tensor], distributed: bool) -> bool:
 
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
-
-
-def _train(model, config, out_dir, resume, overwrite, device, rank, world, save_every, log_every, progress,
-           on_step, distributed) -> dict:
-    freeze(model).to(device)
-    data = config.data_config()
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    generator = SyntheticGradientGenerator(model, config.generator_config()).to(device)
-    base = base_identity(model)
-    # Only rank 0 writes, so only it holds the folder (the other ranks would lock it out).
-    with locked(out_dir) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            refuse_run_dir(out_dir, resume, overwrite)  # again: another run may have finished meanwhile
-            if overwrite:
-                for name in RUN_FILES:
-                    (out_dir / name).unlink(missing_ok=True)
-        return _loop(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress,
-                     on_step, distributed, data, generator, base)
-
-
-def _loop(model, config, out_dir, resume, device, rank, world, save_every, log_every, progress, on_step,
-          distributed, data, generator, base) -> dict:
-    from tqdm.auto import tqdm
-
-    optimizer = torch.optim.AdamW(generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
-    saved_step = None  # the step of the checkpoint on disk, for the divergence message
-    ckpt = out_dir / CHECKPOINT
-    if resume and ckpt.is_file():
-        tensors, meta = read_checkpoint(ckpt)
-        saved = json.loads(meta["train_config"])
-        if saved != json.loads(config.to_json()):
-            diff = sorted(k for k in set(saved) | set(asdict(config)) if saved.get(k) != asdict(config).get(k))
-            raise ValueError(f"--resume: {ckpt} was written by a run with a different configuration "
-                             f"(fields {diff}); use the same settings or another --out")
-        check_base(meta, model, ckpt, base)
-        generator.load_state_dict({k.removeprefix("generator."): v for k, v in tensors.items()
-                                   if k.startswith("generator.")})
-        _load_optimizer(optimizer, tensors, meta)
-        _set_rng_state(tensors, meta)
-        start = saved_step = int(meta["step"])
-        log.info("resumed from %s at step %d", ckpt, start)
-    elif resume:
-        log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
-    if rank == 0:
-        atomic_write_text(out_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
-        if start == 0:
-            atomic_write_text(out_dir / LOG_FILE, "")
-        else:
-            _trim_log(out_dir / LOG_FILE, start)
-    objective: nn.Module = _Objective(generator, model)
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # device_ids=None: the module lives on one device and the inputs already do, so
-        # DDP need not move them (its scatter does not know Batch/RWKV4State).
-        objective = DistributedDataParallel(objective, device_ids=None)
-    log.info("generator: %d parameters, targets %s, rank %d; base model frozen (%d parameters)",
-             generator.num_parameters(), generator.targets, generator.config.rank,
-             sum(p.numel() for p in model.parameters()))
-
-    def diverged(step: int, what: str, lr: float) -> TrainingDiverged:
-        kept = (f"{ckpt} (step {saved_step}) is kept as it was" if saved_step is not None
-                else "no checkpoint had been written")
-        return TrainingDiverged(f"training diverged at step {step}: {what} (lr {lr:.3g}); nothing of this step "
-                                f"was saved, {kept}; try a lower --lr or a --grad-clip")
-
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    # closed on an error too: a bar left open would run into the error line
-    with tqdm(total=config.steps, initial=start, disable=not progress, desc="prosg train", dynamic_ncols=True) as bar:
-        for step in range(start, config.steps):
-            batch = make_batch(data, config.data_seed, batch_indices(config, step, rank, world),
-                               filler_loss=config.filler_loss).to(device)
-            lr = lr_at(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            generator.train()
-            state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
-            loss = objective(batch, state)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip or float("inf"))
-            done = step + 1
-            if not _all_finite([loss, grad_norm], distributed):
-                raise diverged(done, f"loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}", lr)
-            optimizer.step()
-            if not _all_finite(list(generator.parameters()), distributed):
-                raise diverged(done, f"the update made {nonfinite(generator.named_parameters())[:3]} non-finite", lr)
-            record = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm)}
-            if done % log_every == 0 or done == config.steps or step == start:
-                with torch.no_grad():
-                    record["base_loss"] = float(response_loss(model, batch, None, state))  # same batch, no delta
-                record["elapsed_s"] = round(time.perf_counter() - t0, 2)
-                history.append(record)
-                if rank == 0:
-                    with open(out_dir / LOG_FILE, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    log.info("step %d loss %.4f (base %.4f) lr %.2e grad %.3f", done, record["loss"],
-                             record["base_loss"], lr, record["grad_norm"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if rank == 0 and (done % save_every == 0 or done == config.steps):
-                save_checkpoint(ckpt, generator, optimizer, done, config, base)
-                saved_step = done
-            if on_step is not None:
-                on_step(done, record)
-    if rank == 0:
-        save_checkpoint(out_dir / GENERATOR, generator, None, config.steps, config, base)
-    generator.eval()
-    return {"generator": generator, "history": history, "final_step": config.steps}

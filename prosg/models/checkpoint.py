@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from prosg.models.checks import MODEL_DTYPES, check_model_dtype
 from prosg.models.config import RWKV4Config
 
 _HF_PREFIX = "rwkv."
@@ -193,7 +194,7 @@ def _load_into(cls, config: RWKV4Config, state: dict[str, Tensor], dtype: torch.
         model.head.weight = model.embeddings.weight
     if dtype is None:
         dtype = model.embeddings.weight.dtype
-        if dtype not in _supported_dtypes():
+        if dtype not in MODEL_DTYPES:
             raise ValueError(f"{source}: the weights are stored in {dtype}, which the model cannot run in; "
                              f"pass dtype= one of {_dtype_names()}")
     # One activation dtype for the whole model (mixed files exist: float16 matrices
@@ -202,21 +203,13 @@ def _load_into(cls, config: RWKV4Config, state: dict[str, Tensor], dtype: torch.
     return model.to(device).eval()
 
 
-def _supported_dtypes():
-    from prosg.models.rwkv4 import MODEL_DTYPES
-
-    return MODEL_DTYPES
-
-
 def _dtype_names() -> str:
-    return ", ".join(str(d) for d in _supported_dtypes())
+    return ", ".join(str(d) for d in MODEL_DTYPES)
 
 
 def _check_load_args(where: str, dtype, device) -> torch.device:
     """Checks ``dtype`` and ``device`` before any file is read (a wrong argument should
     not cost a multi-gigabyte load, nor surface as torch's 'Invalid device string')."""
-    from prosg.models.rwkv4 import check_model_dtype
-
     if dtype is not None:
         check_model_dtype(dtype, f"{where}: dtype")
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):

@@ -1,4 +1,4 @@
-"""Batched autoregressive generation for :class:`prosg.models.RWKV4LM`.
+"""Batched autoregressive generation for any :class:`prosg.models.protocol.RecurrentLM`.
 
 The prompt is prefilled in one call (logits of the last position only), then every
 step advances the whole batch by one token with tensor operations only: per-sample
@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from prosg.models.rwkv4 import _check_count
-from prosg.models.state import Delta, RWKV4State
+from prosg.models.checks import check_count
+from prosg.models.protocol import RecurrentState
+from prosg.models.state import Delta
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -37,7 +38,7 @@ def _real(value, what: str) -> float:
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, generator=None, device=None) -> None:
-    _check_count(max_new_tokens, "max_new_tokens")
+    check_count(max_new_tokens, "max_new_tokens")
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r} ({type(do_sample).__name__})")
     # Checked whether or not sampling is on: a bad value is a bug in the caller either way.
@@ -94,6 +95,28 @@ def _stop_tensor(stop_tokens, vocab_size: int, device: torch.device) -> Tensor |
     return stops.to(device)
 
 
+@torch.no_grad()
+def prefill(model, input_ids: Tensor, lengths: Tensor | list[int]) -> RecurrentState | None:
+    """The state after the first ``lengths[b]`` tokens of each row ``b`` of the
+    right-padded ``input_ids [B, P]``, in row order, base weights, no delta. Rows of
+    equal length run as one batch, so no pad ever enters a state (an RNN's state is
+    changed by every token it reads); a row of length 0 gets the empty state. None
+    when every length is 0."""
+    lengths = lengths.tolist() if isinstance(lengths, Tensor) else list(lengths)
+    if len(lengths) != input_ids.shape[0]:
+        raise ValueError(f"prefill: {len(lengths)} lengths for {input_ids.shape[0]} rows of input_ids")
+    if any(n < 0 or n > input_ids.shape[1] for n in lengths):
+        raise ValueError(f"prefill: lengths must be in [0, {input_ids.shape[1]}] (input_ids' width), got {lengths}")
+    if all(n == 0 for n in lengths):
+        return None
+    state = model.zero_state(len(lengths))
+    for n in sorted(set(lengths) - {0}):
+        rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], dtype=torch.long, device=model.device)
+        _, s = model(input_ids.index_select(0, rows)[:, :n], logits_to_keep=1)
+        state.index_copy_(rows, s)
+    return state
+
+
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """float32 scores ``[B, V]`` after transformers' sampling warpers, in their order:
     temperature, top-k (ties with the k-th score stay), top-p (the smallest set of
@@ -125,7 +148,7 @@ def sample_next(logits: Tensor, *, do_sample: bool = False, temperature: float =
 
 
 def stream_generate(model, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-                    state: RWKV4State | None = None, do_sample: bool = False, temperature: float = 1.0,
+                    state: RecurrentState | None = None, do_sample: bool = False, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                     stop_tokens=None) -> Iterator[Tensor]:
     """Yields the ``[B]`` tokens of each of ``max_new_tokens`` steps.
@@ -148,13 +171,10 @@ def stream_generate(model, input_ids: Tensor, max_new_tokens: int, delta: Delta 
 def _prepare(model, input_ids, max_new_tokens, delta, state, do_sample, temperature, top_k, top_p, generator,
              stop_tokens):
     _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, generator, model.device)
-    model._check_input_ids(input_ids)
-    batch = input_ids.shape[0]
-    layers = model._check_state(state, batch)
-    deltas = model._resolve_delta(delta, batch)
+    carried = model.start_decoding(input_ids, state, delta)
     stops = _stop_tensor(stop_tokens, model.config.vocab_size, model.device)
     pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    return model, input_ids, max_new_tokens.__index__(), layers, deltas, stops, pick
+    return model, input_ids, max_new_tokens.__index__(), carried, stops, pick
 
 
 def _nonfinite(step: int, finite: Tensor, max_new_tokens: int, dtype: torch.dtype, late: bool) -> NonFiniteLogitsError:
@@ -168,13 +188,13 @@ def _nonfinite(step: int, finite: Tensor, max_new_tokens: int, dtype: torch.dtyp
         f"those rows of the state or the delta, or for activations overflowing {dtype}.", step, rows)
 
 
-def _steps(model, input_ids, max_new_tokens, layers, deltas, stops, pick, *, defer_check: bool) -> Iterator[Tensor]:
+def _steps(model, input_ids, max_new_tokens, carried, stops, pick, *, defer_check: bool) -> Iterator[Tensor]:
     if max_new_tokens == 0:
         return
     # no_grad per step, not around the loop: a suspended generator must not leave
     # gradients off in the caller's code between two tokens.
     with torch.no_grad():
-        logits, layers = model._forward(input_ids, layers, deltas, logits_to_keep=1)
+        logits, carried = model.decode(input_ids, carried, logits_to_keep=1)
     # Deferred: each step's peak logit is stored on the device and checked once at the
     # end (greedy only: multinomial over NaN must never run).
     peaks = (torch.empty(max_new_tokens, input_ids.shape[0], dtype=logits.dtype, device=logits.device)
@@ -215,7 +235,7 @@ def _steps(model, input_ids, max_new_tokens, layers, deltas, stops, pick, *, def
                 yield fill
             return
         with torch.no_grad():
-            logits, layers = model._forward(token.unsqueeze(1), layers, deltas)
+            logits, carried = model.decode(token.unsqueeze(1), carried)
     _check_peaks(peaks, step + 1, max_new_tokens, logits.dtype)
 
 
@@ -229,7 +249,7 @@ def _check_peaks(peaks: Tensor | None, steps: int, max_new_tokens: int, dtype: t
 
 
 def generate(model, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-             state: RWKV4State | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             state: RecurrentState | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, stop_tokens=None) -> Tensor:
     """``[B, T + max_new_tokens]``: the prompt followed by the generated tokens.
 

@@ -17,45 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prosg.models.checks import check_count, check_model_dtype
 from prosg.models.config import RWKV4Config
-from prosg.numerics import EMPTY_MAX, accumulation_dtype
+from prosg.models.protocol import LayerInputs
 from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, Delta, RWKV4State, parse_delta_name
+from prosg.numerics import EMPTY_MAX, accumulation_dtype
 from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
 
 LowRank = tuple[Tensor, Tensor]
-
-#: The dtypes the model runs in (the kernels' dtypes; CUDA has no float64 wkv4).
-MODEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_model_dtype(dtype, what: str) -> None:
-    """Refuses anything but one of :data:`MODEL_DTYPES`, naming ``what``: a string such
-    as ``'float16'`` would otherwise reach ``Tensor.to`` as a device name."""
-    if not isinstance(dtype, torch.dtype):
-        hint = f"; write torch.{dtype}" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None),
-                                                                              torch.dtype) else ""
-        raise TypeError(f"{what} must be a torch.dtype (one of {', '.join(map(str, MODEL_DTYPES))}), "
-                        f"got {dtype!r} ({type(dtype).__name__}){hint}")
-    if dtype not in MODEL_DTYPES:
-        raise ValueError(f"{what} must be one of {', '.join(map(str, MODEL_DTYPES))}, got {dtype}")
-
-
-def _check_count(value, what: str, minimum: int = 0) -> int:
-    """An int ``>= minimum`` (any ``__index__`` type but bool; a float is refused, not
-    truncated). ValueError for a wrong type too, as these checks always raised."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    value = value.__index__()
-    if value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value}")
-    return value
-
 
 def _wkv(time_decay: Tensor, time_first: Tensor, key: Tensor, value: Tensor, state: Tensor | None,
          key_lowrank: LowRank | None, value_lowrank: LowRank | None) -> tuple[Tensor, Tensor]:
@@ -205,6 +181,15 @@ class RWKV4Block(nn.Module):
         self.feed_forward = RWKV4ChannelMix(config, layer_id)
 
 
+@dataclass
+class _Carried:
+    """What generation carries between tokens: the state as per-layer lists
+    (``att_shift``, ``ffn_shift``, ``wkv``) and the delta sorted by layer."""
+
+    layers: tuple[list, list, list] | None
+    deltas: tuple[list[dict], list[dict], float] | None
+
+
 class RWKV4LM(nn.Module):
     """RWKV-4 causal language model: ``model(input_ids, state, delta) -> (logits, state)``.
 
@@ -305,6 +290,76 @@ class RWKV4LM(nn.Module):
                 for kind in kinds:
                     shapes[f"blocks.{i}.{part}.{kind}"] = tuple(getattr(getattr(block, part), kind).weight.shape)
         return shapes
+
+    def zero_state(self, batch: int) -> RWKV4State:
+        """The state before any token for ``batch`` samples (what ``state=None`` means)."""
+        batch = check_count(batch, "batch")
+        cfg = self.config
+        return RWKV4State.zeros(cfg.num_hidden_layers, batch, cfg.hidden_size, cfg.attention_hidden_size,
+                                dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ what the method reads
+    # (prosg.models.protocol.RecurrentLM: the generator depends on these, not on the modules)
+
+    @torch.no_grad()
+    def layer_inputs(self, input_ids: Tensor) -> LayerInputs:
+        """Every block's ``ln1`` / ``ln2`` outputs and ``ln_out``'s, ``[B, T, H]``
+        each, over ``input_ids`` from the empty state (base weights). Collected with
+        forward hooks, so the forward is the one :meth:`forward` runs."""
+        ln1: dict[int, Tensor] = {}
+        ln2: dict[int, Tensor] = {}
+        final: list[Tensor] = []
+
+        def keep(store, key):
+            def hook(_module, _inputs, output):
+                store[key] = output
+            return hook
+
+        handles = []
+        try:
+            for i, block in enumerate(self.blocks):
+                handles.append(block.ln1.register_forward_hook(keep(ln1, i)))
+                handles.append(block.ln2.register_forward_hook(keep(ln2, i)))
+            handles.append(self.ln_out.register_forward_hook(lambda _m, _i, o: final.append(o)))
+            self(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+
+        def as3(t: Tensor) -> Tensor:  # a one-token input runs on [B, H] tensors
+            return t.unsqueeze(1) if t.dim() == 2 else t
+
+        L = len(self.blocks)
+        return LayerInputs([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], as3(final[-1]))
+
+    def has_delta_input(self, name: str) -> bool:
+        """Every matrix but ``attention.output``, whose input (receptance * WKV) needs
+        the recurrence itself."""
+        _, part, kind = parse_delta_name(name)
+        return (part, kind) != ("attention", "output")
+
+    @torch.no_grad()
+    def delta_input(self, name: str, inputs: LayerInputs) -> Tensor | None:
+        """The token-shift mix of the ``ln1`` (time mix) or ``ln2`` (channel mix)
+        output, and for ``feed_forward.value`` the squared-ReLU channel-mix key, at
+        every position of a sequence that started from the empty state."""
+        if not self.has_delta_input(name):
+            return None
+        layer, part, kind = parse_delta_name(name)
+        module = getattr(self.blocks[layer], part)
+        a = (inputs.attention if part == "attention" else inputs.feed_forward)[layer]
+        shifted = token_shift(a, None)
+        if part == "feed_forward" and kind == "value":
+            xk = torch.lerp(shifted, a, module.time_mix_key.view(-1))
+            return torch.square(torch.relu(F.linear(xk, module.key.weight)))
+        return torch.lerp(shifted, a, getattr(module, f"time_mix_{kind}").view(-1))
+
+    def writes_residual(self, name: str) -> bool:
+        _, part, kind = parse_delta_name(name)
+        return (part, kind) in (("attention", "output"), ("feed_forward", "value"))
+
+    def output_embeddings(self) -> Tensor:
+        return self.head.weight
 
     # ------------------------------------------------------------------ checks
 
@@ -436,13 +491,25 @@ class RWKV4LM(nn.Module):
         Returns:
             ``(logits [B, T or n, vocab], state after the last token)``.
         """
-        logits_to_keep = _check_count(logits_to_keep, "logits_to_keep")
+        logits_to_keep = check_count(logits_to_keep, "logits_to_keep")
         self._check_input_ids(input_ids)
         batch = input_ids.shape[0]
         layers = self._check_state(state, batch)
         deltas = self._resolve_delta(delta, batch)
         logits, (att, ffn, wkv) = self._forward(input_ids, layers, deltas, logits_to_keep)
         return logits, RWKV4State(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
+
+    def start_decoding(self, input_ids: Tensor, state: RWKV4State | None,
+                       delta: Delta | dict | None) -> "_Carried":
+        """Checks the arguments of a generation once; :meth:`decode` then steps
+        without re-checking (per token, the checks would cost more than the step)."""
+        self._check_input_ids(input_ids)
+        batch = input_ids.shape[0]
+        return _Carried(self._check_state(state, batch), self._resolve_delta(delta, batch))
+
+    def decode(self, input_ids: Tensor, carried: "_Carried", *, logits_to_keep: int = 0) -> tuple[Tensor, "_Carried"]:
+        logits, layers = self._forward(input_ids, carried.layers, carried.deltas, logits_to_keep)
+        return logits, _Carried(layers, carried.deltas)
 
     def _forward(self, input_ids: Tensor, layers: tuple[list, list, list] | None,
                  deltas: tuple[list[dict], list[dict], float] | None,

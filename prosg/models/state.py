@@ -110,6 +110,12 @@ class RWKV4State:
         return RWKV4State(self.att_shift.index_select(1, idx), self.ffn_shift.index_select(1, idx),
                           self.wkv.index_select(1, idx))
 
+    def index_copy_(self, index: Tensor, source: "RWKV4State") -> "RWKV4State":
+        """Writes ``source``'s samples into rows ``index`` of this state, in place."""
+        for name in ("att_shift", "ffn_shift", "wkv"):
+            getattr(self, name).index_copy_(1, index, getattr(source, name))
+        return self
+
     def repeat(self, n: int) -> "RWKV4State":
         """Each sample repeated ``n`` times in place (``repeat_interleave``): a prompt
         prefilled once with batch 1 continued by ``n`` samples with their own deltas."""
