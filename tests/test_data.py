@@ -288,6 +288,22 @@ def test_tagged_generation_matches_untagged():
 # --------------------------------------------------------------------------- generator
 
 
+#: Datasets of settings away from the default (tagged, every argument range widened,
+#: weighted ops with a final ramble), pinned when the operations became one table
+#: (prosg.data.multistage.OPERATIONS): examples 0..299 of seed 7.
+GOLDEN_OTHER_SETTINGS = [
+    (dict(tag_stages=True, max_stages=8, num_letters=6, max_pattern=5, max_step=7, max_run=5),
+     "559c3ebabc7d4a94e815a51227fc564787d4a988437d90d65421f609079f850a"),
+    (dict(ramble_last=True, ops=("ramble", "count", "bounce"), op_weights=(1, 2, 3)),
+     "7d07b09eab56889eca3017d6a2823b51e96d73762b1be58844c1ad957823bec9"),
+]
+
+
+@pytest.mark.parametrize("fields,golden", GOLDEN_OTHER_SETTINGS)
+def test_generation_of_other_settings_is_pinned(fields, golden):
+    assert dataset_fingerprint(generate_examples(MultiStageConfig(**fields), 300, seed=7)) == golden
+
+
 def test_generation_is_deterministic_and_well_formed():
     cfg = MultiStageConfig()
     a = generate_examples(cfg, 60, seed=0)

@@ -44,7 +44,7 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from prosg.data.jsonl import JSONLError, read_jsonl, write_jsonl
@@ -136,76 +136,97 @@ def _check_arity(op: str, args: Sequence[str], lo: int, hi: int) -> None:
         raise ValueError(f"'{op}' takes {want} argument(s), got {len(args)}: {' '.join(args) or '(none)'}")
 
 
-def _sample_args(op: str, rng: _Rng, cfg: MultiStageConfig) -> tuple[str, ...]:
-    if op == "repeat":
-        return tuple(rng.sample(LETTERS[: cfg.num_letters], rng.randint(1, cfg.max_pattern)))
-    if op == "count":
-        return (NUMBERS[rng.below(NUM_MODULUS)], rng.choice(("up", "down")), NUMBERS[rng.randint(1, cfg.max_step)])
-    if op == "alternate":
-        x, y = rng.sample(LETTERS[: cfg.num_letters], 2)
-        return (x, y, NUMBERS[rng.randint(1, cfg.max_run)])
-    if op == "bounce":
-        return tuple(rng.sample(LETTERS[: cfg.num_letters], rng.randint(2, max(2, cfg.max_pattern))))
-    if op == "letters":
-        return (rng.choice(LETTERS[: cfg.num_letters]), NUMBERS[rng.randint(1, cfg.max_step)])
-    if op == "ramble":
-        return ()
-    raise AssertionError(op)
+def _check_count(args: Sequence[str]) -> None:
+    _number(args[0], "count start", 0, NUM_MODULUS - 1)
+    if args[1] not in ("up", "down"):
+        raise ValueError(f"count direction: expected 'up' or 'down', got {args[1]!r}")
+    _number(args[2], "count step", 1, NUM_MODULUS - 1)
+
+
+def _count_output(args: Sequence[str], n: int) -> list[str]:
+    s, d = _NUMBER_INDEX[args[0]], _NUMBER_INDEX[args[2]]
+    sign = 1 if args[1] == "up" else -1
+    return [NUMBERS[(s + sign * d * i) % NUM_MODULUS] for i in range(n)]
+
+
+def _check_alternate(args: Sequence[str]) -> None:
+    x, y = _letters(args[:2], "alternate")
+    if x == y:
+        raise ValueError(f"alternate: the two letters must differ, got {args[0]!r} twice")
+    _number(args[2], "alternate run length", 1, NUM_MODULUS - 1)
+
+
+def _bounce_output(args: Sequence[str], n: int) -> list[str]:
+    cycle = list(args) + list(args[-2:0:-1])
+    return [cycle[i % len(cycle)] for i in range(n)]
+
+
+def _check_letters(args: Sequence[str]) -> None:
+    _letters(args[:1], "letters start")
+    _number(args[1], "letters step", 1, len(LETTERS) - 1)
+
+
+def _letters_output(args: Sequence[str], n: int) -> list[str]:
+    s, d = _LETTER_INDEX[args[0]], _NUMBER_INDEX[args[1]]
+    return [LETTERS[(s + d * i) % len(LETTERS)] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One benchmark operation, whole: how many arguments it takes, how a seeded
+    example draws them (``sample(rng, config)``; the order of draws is the dataset's,
+    so it never changes), how a prompt's arguments are checked (``check(args)``, after
+    the count; ValueError naming what is wrong) and its exact output of ``n`` tokens
+    (``output(args, n)``; None: free-form, any filler word is correct)."""
+
+    arity: tuple[int, int]
+    sample: Callable[[_Rng, "MultiStageConfig"], tuple[str, ...]]
+    check: Callable[[Sequence[str]], object]  # its return value is ignored
+    output: Callable[[Sequence[str], int], list[str]] | None
+
+
+def _pattern(rng: _Rng, cfg: "MultiStageConfig", lo: int, hi: int) -> tuple[str, ...]:
+    return tuple(rng.sample(LETTERS[: cfg.num_letters], rng.randint(lo, hi)))
+
+
+#: Every operation (the order is ``OPS``'); docs/benchmark.md describes each.
+OPERATIONS: dict[str, Operation] = {
+    # repeat P1 .. Pm: P[i mod m]
+    "repeat": Operation(
+        (1, 26), lambda rng, cfg: _pattern(rng, cfg, 1, cfg.max_pattern),
+        lambda args: _letters(args, "repeat"),
+        lambda args, n: [args[i % len(args)] for i in range(n)]),
+    # count S up|down D: (S +- D*i) mod 32
+    "count": Operation(
+        (3, 3), lambda rng, cfg: (NUMBERS[rng.below(NUM_MODULUS)], rng.choice(("up", "down")),
+                                  NUMBERS[rng.randint(1, cfg.max_step)]),
+        _check_count, _count_output),
+    # alternate X Y R: X R times, Y R times, ...
+    "alternate": Operation(
+        (3, 3), lambda rng, cfg: (*rng.sample(LETTERS[: cfg.num_letters], 2), NUMBERS[rng.randint(1, cfg.max_run)]),
+        _check_alternate, lambda args, n: [args[(i // _NUMBER_INDEX[args[2]]) % 2] for i in range(n)]),
+    # bounce P1 .. Pm: P forwards then backwards, ping-pong
+    "bounce": Operation(
+        (2, 26), lambda rng, cfg: _pattern(rng, cfg, 2, max(2, cfg.max_pattern)),
+        lambda args: _letters(args, "bounce"), _bounce_output),
+    # letters S D: letter (S + D*i) mod 26
+    "letters": Operation(
+        (2, 2), lambda rng, cfg: (rng.choice(LETTERS[: cfg.num_letters]), NUMBERS[rng.randint(1, cfg.max_step)]),
+        _check_letters, _letters_output),
+    # ramble: free-form filler words
+    "ramble": Operation((0, 0), lambda rng, cfg: (), lambda args: None, None),
+}
 
 
 def _check_args(op: str, args: Sequence[str]) -> None:
     """Raise ValueError unless ``args`` are valid arguments of ``op``."""
-    if op == "repeat":
-        _check_arity(op, args, 1, 26)
-        _letters(args, "repeat")
-    elif op == "count":
-        _check_arity(op, args, 3, 3)
-        _number(args[0], "count start", 0, NUM_MODULUS - 1)
-        if args[1] not in ("up", "down"):
-            raise ValueError(f"count direction: expected 'up' or 'down', got {args[1]!r}")
-        _number(args[2], "count step", 1, NUM_MODULUS - 1)
-    elif op == "alternate":
-        _check_arity(op, args, 3, 3)
-        x, y = _letters(args[:2], "alternate")
-        if x == y:
-            raise ValueError(f"alternate: the two letters must differ, got {args[0]!r} twice")
-        _number(args[2], "alternate run length", 1, NUM_MODULUS - 1)
-    elif op == "bounce":
-        _check_arity(op, args, 2, 26)
-        _letters(args, "bounce")
-    elif op == "letters":
-        _check_arity(op, args, 2, 2)
-        _letters(args[:1], "letters start")
-        _number(args[1], "letters step", 1, len(LETTERS) - 1)
-    elif op == "ramble":
-        _check_arity(op, args, 0, 0)
-    else:
+    if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r} (expected one of {', '.join(OPS)})")
+    _check_arity(op, args, *OPERATIONS[op].arity)
+    OPERATIONS[op].check(args)
 
 
-def _output(op: str, args: Sequence[str], n: int) -> list[str] | None:
-    """The exact output of length ``n``; None for ``ramble`` (free-form)."""
-    if op == "repeat":
-        return [args[i % len(args)] for i in range(n)]
-    if op == "count":
-        s, d = _NUMBER_INDEX[args[0]], _NUMBER_INDEX[args[2]]
-        sign = 1 if args[1] == "up" else -1
-        return [NUMBERS[(s + sign * d * i) % NUM_MODULUS] for i in range(n)]
-    if op == "alternate":
-        r = _NUMBER_INDEX[args[2]]
-        return [args[(i // r) % 2] for i in range(n)]
-    if op == "bounce":
-        cycle = list(args) + list(args[-2:0:-1])
-        return [cycle[i % len(cycle)] for i in range(n)]
-    if op == "letters":
-        s, d = _LETTER_INDEX[args[0]], _NUMBER_INDEX[args[1]]
-        return [LETTERS[(s + d * i) % len(LETTERS)] for i in range(n)]
-    if op == "ramble":
-        return None
-    raise AssertionError(op)
-
-
-OPS: tuple[str, ...] = ("repeat", "count", "alternate", "bounce", "letters", "ramble")
+OPS: tuple[str, ...] = tuple(OPERATIONS)
 """Operation names; ``ramble`` is the one without a fixed output."""
 
 
@@ -223,7 +244,7 @@ class Stage:
     @property
     def free_form(self) -> bool:
         """True for ``ramble``: any filler word is correct, nothing is recalled."""
-        return self.op == "ramble"
+        return OPERATIONS[self.op].output is None
 
     def instruction(self, tag: int | None = None) -> list[str]:
         """Its prompt tokens, ``;`` included, after the tag ``#tag`` when one is given."""
@@ -231,7 +252,8 @@ class Stage:
 
     def expected(self, n: int) -> list[str] | None:
         """The exact output of ``n`` tokens, or None for a free-form stage."""
-        return _output(self.op, self.args, n)
+        output = OPERATIONS[self.op].output
+        return None if output is None else output(self.args, n)
 
     def score(self, got: Sequence[str], n: int) -> tuple[int, int]:
         """(correct positions, leading correct positions) of ``got`` against ``n`` expected tokens."""
@@ -530,7 +552,7 @@ def generate_example(config: MultiStageConfig, seed: int, index: int) -> Example
     stages = []
     for i in range(k):
         op = rng.weighted(final_ops, final_w) if i == k - 1 else rng.weighted(config.ops, config.weights())
-        stages.append(Stage(op, _sample_args(op, rng, config)))
+        stages.append(Stage(op, OPERATIONS[op].sample(rng, config)))
     lengths = [config.length_of(s.op) for s in stages]
     tagged = config.tag_stages
     prompt = [BOS] + [t for i, s in enumerate(stages) for t in s.instruction(i + 1 if tagged else None)] + [SEP]
