@@ -11,7 +11,8 @@ are collected in one session. The tolerance table is a plain module: ``tolerance
   The CUDA cases carry the ``cuda`` marker, so ``-m "not cuda"`` deselects them.
 * Any test marked ``@pytest.mark.cuda`` (explicitly or through ``device``) is skipped
   cleanly where ``torch.cuda.is_available()`` is false.
-* ``num_threads(n)``: a context manager running a block with ``torch.set_num_threads(n)``.
+* ``num_threads(n)``: a context manager running a block with ``torch.set_num_threads(n)``
+  (``threads.py``, a plain module like ``tolerances.py``).
 * ``nan_empty(*shape, **kw)``: ``torch.empty`` filled with NaN, for output buffers a
   kernel must overwrite completely.
 * ``poison_cuda_cache()``: fills free blocks of the CUDA caching allocator with NaN, so
@@ -21,9 +22,8 @@ are collected in one session. The tolerance table is a plain module: ``tolerance
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
+import threads
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -46,20 +46,11 @@ def device(request) -> str:
     return request.param
 
 
-@contextlib.contextmanager
-def _num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture
 def num_threads():
-    """``with num_threads(1): ...`` runs the block on one intra-op thread."""
-    return _num_threads
+    """``with num_threads(1): ...`` runs the block on one intra-op thread (helpers
+    import the same context manager: ``from threads import num_threads``)."""
+    return threads.num_threads
 
 
 def _nan_empty(*shape, **kwargs) -> torch.Tensor:

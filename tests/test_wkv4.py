@@ -18,12 +18,11 @@ e^-4.5), and the initial state is a real one: the reference run over a random pr
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 
 import pytest
 import torch
+from threads import num_threads
 from tolerances import assert_close, tol
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
@@ -92,18 +91,11 @@ def cotangents(out, state_out, seed=1):
     return g_out, g_state
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Runs the step-by-step references (wkv4_ref, transformers) on one intra-op thread.
-    Their backward writes a whole [B, T, C] zero gradient per time step (the backward
-    of ``key[:, t]``); on two loaded cores the OpenMP barriers of those fills made a
-    0.4 s reference take 11 s. The kernels under test keep the default thread count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+#: The step-by-step references (wkv4_ref, transformers) run on one intra-op thread.
+#: Their backward writes a whole [B, T, C] zero gradient per time step (the backward of
+#: ``key[:, t]``); on two loaded cores the OpenMP barriers of those fills made a 0.4 s
+#: reference take 11 s. The kernels under test keep the default thread count.
+REFERENCE_THREADS = 1
 
 
 def run(fn, inp, g_out=None, g_state=None, dtype=None):
@@ -111,7 +103,7 @@ def run(fn, inp, g_out=None, g_state=None, dtype=None):
     <state_out, g_state>, every gradient taken at once. Cotangents default to
     :func:`cotangents`; ``dtype`` converts the inputs first (the reference: float64)."""
     if fn is wkv4_ref:
-        with one_thread():
+        with num_threads(REFERENCE_THREADS):
             return _run(fn, inp, g_out, g_state, dtype)
     return _run(fn, inp, g_out, g_state, dtype)
 
@@ -236,7 +228,7 @@ def test_state_out_when_the_last_chunk_is_short(device, T, poison_cuda_cache):
         poison_cuda_cache()
     inp = make_inputs(1, T, 3, 2, device=device, state=T % 2 == 0, value_lr=False)
     out, st = call(wkv4, inp)
-    with one_thread():
+    with num_threads(REFERENCE_THREADS):
         ref_out, ref_st = call(wkv4_ref, {k: None if v is None else v.double().cpu() for k, v in inp.items()})
     check(out, ref_out, "out")
     check(st, ref_st, "state_out")
@@ -302,7 +294,7 @@ def test_non_contiguous_inputs(device):
     lv, lr = leaves(dense), leaves(dense, torch.float64)
     out, st = call(wkv4, lv)
     (out.sum() + st.sum()).backward()
-    with one_thread():
+    with num_threads(REFERENCE_THREADS):
         out, st = call(wkv4_ref, lr)
         (out.sum() + st.sum()).backward()
     for k in NAMES:
@@ -313,7 +305,7 @@ def test_non_contiguous_inputs(device):
     u_ref = u.detach().double().requires_grad_(True)
     out, st = call(wkv4, {**dense, "key_u": u.expand(B, C, r)})
     (gu,) = torch.autograd.grad((out, st), [u], cotangents(out, st))
-    with one_thread():
+    with num_threads(REFERENCE_THREADS):
         out_r, st_r = call(wkv4_ref, {**{k: v.double() for k, v in dense.items()}, "key_u": u_ref.expand(B, C, r)})
         (gu_r,) = torch.autograd.grad((out_r, st_r), [u_ref], tuple(g.double() for g in cotangents(out, st)))
     check(out, out_r, "out with broadcast key_u")
@@ -401,7 +393,7 @@ def test_matches_transformers(dtype, with_state):
     theirs = leaves(inp)
     out, st = call(wkv4, ours)
     hf_state = list(theirs["state"].unbind(1)) if with_state else None
-    with one_thread():
+    with num_threads(REFERENCE_THREADS):
         out_hf, st_hf = hf(theirs["time_decay"], theirs["time_first"], theirs["key"], theirs["value"],
                            state=hf_state, return_state=True)
     st_hf = torch.stack(st_hf, 1)
@@ -412,7 +404,7 @@ def test_matches_transformers(dtype, with_state):
         names = present(inp)
         cot = cotangents(out, st)
         g = torch.autograd.grad((out, st), [ours[k] for k in names], cot)
-        with one_thread():
+        with num_threads(REFERENCE_THREADS):
             g_hf = torch.autograd.grad((out_hf, st_hf), [theirs[k] for k in names], cot)
         for k, a, e in zip(names, g, g_hf):
             check(a, e, f"grad {k} vs transformers")
@@ -678,15 +670,12 @@ def test_long_sequence_is_stable(device):
     key = torch.empty(B, T, C).uniform_(-60, 60)
     key[..., :8] = 60.0 * (1 - 2 * (torch.arange(T) % 2)).view(1, T, 1)  # +60, -60, +60, ...
     inp["key"] = key.to(device)
-    started = time.perf_counter()
     out, st, grads = run(wkv4, inp)
-    elapsed = time.perf_counter() - started
     assert torch.isfinite(out).all() and torch.isfinite(st).all()
     for k, g in grads.items():
         assert torch.isfinite(g).all(), f"grad {k} is not finite"
     # Outputs are weighted means of the values, whatever the keys.
     assert out.abs().max() <= inp["value"].abs().max() * (1 + 1e-5)
-    assert elapsed < 30, f"forward + backward over T=100k took {elapsed:.1f} s"
 
 
 def test_extreme_keys_match_reference(device):
