@@ -77,9 +77,8 @@ class PretrainConfig:
     ``seed``: torch seed of the initialisation. ``threads``: torch CPU threads while
     training (None: leave torch's setting). Default 1: the tensors of a tiny model are
     too small to split well, and on a shared machine two threads that wait on each
-    other at every op ran 5-8x slower than one (measured 0.23 vs 1.8 s a step with the
-    default config on a loaded 2-core box). Results are bitwise repeatable for a fixed
-    thread count.
+    other at every op run several times slower than one (benchmarks/RESULTS.md, "Choices
+    in the code"). Results are bitwise repeatable for a fixed thread count.
     """
 
     seed: int = 0

@@ -212,7 +212,8 @@ def _steps(model, input_ids, max_new_tokens, carried, stops, pick, *, defer_chec
             else:
                 peak, token = last.max(-1)
             if peaks is None:
-                # B host floats: cheaper on the CPU than isfinite + all + bool (~1 vs ~15 us).
+                # B host floats: an order of magnitude cheaper on the CPU than isfinite + all
+                # + bool (benchmarks/bench_design.py, RESULTS.md).
                 if not all(map(math.isfinite, peak.tolist())):
                     raise _nonfinite(step, torch.isfinite(peak), max_new_tokens, logits.dtype, late=False)
             else:

@@ -546,9 +546,9 @@ class RWKV4LM(nn.Module):
             h = h[:, -logits_to_keep:]
         h = self.ln_out(h)
         if single and h.shape[0] > 1 and h.device.type == "cpu":
-            # Decoding a batch: MKL's sgemm runs x [B, H] @ W^T ~1.4x slower than the
-            # transposed problem W @ x^T for a tall head (measured 25 vs 18 ms for
-            # B=8, H=512, vocab 50277 on one core); the result is the same.
+            # Decoding a batch: MKL's sgemm runs the transposed problem W @ x^T of a tall
+            # head faster than x [B, H] @ W^T (benchmarks/bench_design.py, RESULTS.md);
+            # the result is the same.
             logits = torch.mm(self.head.weight, h.t()).t()
         else:
             logits = F.linear(h, self.head.weight)
