@@ -118,7 +118,7 @@ def _benchmark(base: dict, args: argparse.Namespace):
         return MultiStageConfig.from_dict({**base, **_data_fields(args)})
 
 
-def _config_args(group, config_cls, names: tuple[str, ...] | None = None) -> None:
+def config_flags(group, config_cls, names: tuple[str, ...] | None = None) -> None:
     """One flag per field of the dataclass ``config_cls`` (or of those in ``names``):
     ``--field-name`` with the field's default, its metadata's help and choices, a
     number type bounded by its metadata's "min", booleans as --x/--no-x, tuples of
@@ -140,8 +140,8 @@ def _config_args(group, config_cls, names: tuple[str, ...] | None = None) -> Non
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _config_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] | None = None) -> dict:
-    """The parsed values of :func:`_config_args`' flags, by field name (comma lists
+def config_flag_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] | None = None) -> dict:
+    """The parsed values of :func:`config_flags`' flags, by field name (comma lists
     as tuples of distinct names)."""
     values = {}
     for f in dataclasses.fields(config_cls):
@@ -156,7 +156,7 @@ def _config_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] 
 def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     from prosg.method.train import TrainConfig
 
-    _config_args(p.add_argument_group("training"), TrainConfig, names or _TRAIN_FLAGS)
+    config_flags(p.add_argument_group("training"), TrainConfig, names or _TRAIN_FLAGS)
 
 
 # TrainConfig's fields with a `prosg train` flag (data and generator have their own).
@@ -167,14 +167,14 @@ _TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "mi
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
     from prosg.method.generator import GeneratorConfig
 
-    _config_args(p.add_argument_group("generator (docs/method.md)"), GeneratorConfig)
+    config_flags(p.add_argument_group("generator (docs/method.md)"), GeneratorConfig)
 
 
 def _generator_fields(args: argparse.Namespace) -> dict:
     """The generator's config fields, validated (before anything is loaded)."""
     from prosg.method.generator import GeneratorConfig
 
-    fields = _config_values(args, GeneratorConfig)
+    fields = config_flag_values(args, GeneratorConfig)
     with usage_errors():
         GeneratorConfig.from_dict(fields)
     return fields
@@ -230,7 +230,7 @@ def _train(args: argparse.Namespace) -> int:
     data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
     _benchmark(data, args)
     with usage_errors():
-        config = TrainConfig(**_config_values(args, TrainConfig, _TRAIN_FLAGS), data=data, generator=generator)
+        config = TrainConfig(**config_flag_values(args, TrainConfig, _TRAIN_FLAGS), data=data, generator=generator)
     result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device or None,
                    save_every=args.save_every, log_every=args.log_every, progress=not args.no_progress)
     hist = result["history"]

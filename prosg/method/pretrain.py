@@ -81,15 +81,15 @@ class PretrainConfig:
     in the code"). Results are bitwise repeatable for a fixed thread count.
     """
 
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "torch seed of the initialisation", "min": 0})
     data_seed: int = 0
     benchmark: MultiStageConfig = field(default_factory=lambda: BASE_BENCHMARK)
-    hidden_size: int = 64
-    num_layers: int = 3
+    hidden_size: int = field(default=64, metadata={"help": "model width", "min": 1})
+    num_layers: int = field(default=3, metadata={"help": "blocks", "min": 1})
     intermediate_size: int | None = None
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = field(default=2000, metadata={"help": "optimizer steps", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "examples per step", "min": 1})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)", "min": 0, "above": True})
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -97,7 +97,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     train_on_prompt: bool = False
     repeat_prompt_every: int = 8
-    bptt: int = 32
+    bptt: int = field(default=32, metadata={"help": "truncated BPTT chunk, tokens (0: full back-propagation)", "min": 0})
     threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -395,7 +395,7 @@ def _run_pretrain(args: argparse.Namespace, cfg: PretrainConfig) -> int:
 
 def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``prosg pretrain`` (its ``func`` is :func:`run_pretrain`)."""
-    from prosg.method.cli import add_replace_args, nonneg_int, positive_float, positive_int
+    from prosg.method.cli import config_flags, add_replace_args, nonneg_int, positive_int
 
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="train the tiny RWKV-4 base model of the forgetting benchmark",
@@ -403,18 +403,11 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                                    "(defaults: the bundled base model; see docs/base_model.md).")
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, train_config.json")
     add_replace_args(p)
-    p.add_argument("--seed", type=nonneg_int, default=None, help=f"torch seed of the initialisation (default {d.seed})")
+    config_flags(p, PretrainConfig, ("seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "bptt"))
     p.add_argument("--data-seed", type=nonneg_int, default=None,
                    help="benchmark seed of the training stream (default: --seed)")
-    p.add_argument("--hidden-size", type=positive_int, default=None, help=f"default {d.hidden_size}")
-    p.add_argument("--num-layers", type=positive_int, default=None, help=f"default {d.num_layers}")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"default {d.steps}")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr}")
-    p.add_argument("--bptt", type=nonneg_int, default=None,
-                   help=f"truncated BPTT chunk, tokens (default {d.bptt}; 0: full)")
-    p.add_argument("--threads", type=nonneg_int, default=None,
-                   help=f"torch CPU threads (default {d.threads}; 0: torch's setting)")
+    p.add_argument("--threads", type=nonneg_int, default=d.threads,
+                   help="torch CPU threads (0: torch's setting; default: %(default)s, see PretrainConfig)")
     b = BASE_BENCHMARK
     p.add_argument("--min-stages", type=positive_int, default=None, help=f"default {b.min_stages}")
     p.add_argument("--max-stages", type=positive_int, default=None, help=f"default {b.max_stages}")
