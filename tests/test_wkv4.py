@@ -8,7 +8,9 @@ AVX2, 4 doubles), then the last ``C mod 8`` channels one at a time: C=67 is two 
 (40 + 27 channels) with a 3-channel scalar tail, C=43 one range of 5 vectors + 3
 scalars, C=5 scalars only. T=257 spans 17 of the backward's 16-step checkpoint
 segments (the last one a single step) and, on CUDA, 8 chunks of the forward's chunked
-scan; T=1 is one step; r=1 and r=16 are the extremes of the fused low-rank term.
+scan; T=1 is one step; r=1 and r=16 are the extremes of the fused low-rank term. The CPU
+forms the low-rank terms 16 steps at a time, 8 ranks and 4 steps at once: T=37 ends on
+a short block with a 1-step tail, r=11 is a full rank tile and a partial one.
 
 Inputs are drawn in float64 and converted, so the reference sees exactly the values
 (already rounded to the kernel's dtype) the kernel sees. ``time_decay`` spans RWKV-4's
@@ -170,6 +172,7 @@ CASES = {
     "B3-T33-C67-r16": (3, 33, 67, 16),
     "B1-T257-C43-r1": (1, 257, 43, 1),
     "B3-T1-C5-r16": (3, 1, 5, 16),
+    "B2-T37-C19-r11": (2, 37, 19, 11),
 }
 # (state, key low-rank, value low-rank): every combination in float32, the two
 # extremes in the other dtypes (the dtype only changes loads, stores and roundings).

@@ -17,6 +17,7 @@
 #include <array>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/torch_utils.h"
@@ -27,6 +28,10 @@ namespace prosg::wkv4 {
 namespace {
 
 constexpr int64_t kSegment = 16;
+// Ranks whose rows of U are held in registers at once (Task::effective_rows).
+constexpr int kRankTile = 8;
+// Steps whose low-rank terms are accumulated side by side (Task::add_rank_tile).
+constexpr int kSteps = 4;
 
 template <typename T>
 struct VecOps {
@@ -126,25 +131,101 @@ struct Task {
     for (int64_t j = 0; j < lr.rank; ++j) zt[j] = static_cast<acc_t>(z[j * lr.z_rank_stride]);
   }
 
-  template <typename F>
-  F effective(const void* base, int64_t bs, int64_t ts, int64_t cs, const Wkv4LowRank& lr,
-              const std::vector<acc_t>& packed, const acc_t* zt, int64_t t, int64_t c) const {
-    const auto* ptr = static_cast<const scalar_t*>(base) + b * bs + t * ts + (c_begin + c) * cs;
-    F x = load_lanes<F, acc_t>(ptr, cs);
-    for (int64_t j = 0; j < lr.rank; ++j) {
-      // An explicit FMA: -std=c++20 turns off GCC's contraction of a * b + c.
-      if constexpr (Lanes<F>::n == 1) x = std::fma(zt[j], packed[j * len + c], x);
-      else x = at::vec::fmadd(F(zt[j]), F::loadu(packed.data() + j * len + c), x);
+  // The effective rows x + z U^T (x: key or value) of the steps [t0, t0 + steps), into
+  // eff[(t - t0) * len + c], in a pass of its own ahead of the recurrence. Inside the
+  // recurrence's body every step reloaded the rank's rows of U (2 x 8 x 768 floats a
+  // sample at rank 8: more than L1) and its rank-long FMA chain serialised with the
+  // step: the fused path cost twice the plain recurrence and more than forming
+  // k + z U^T in memory first (benchmarks/RESULTS.md, 2026-12-01). Here each vector of
+  // U is loaded into registers once per block, and the chains of different steps are
+  // independent, so they overlap. The sum order (x, then j = 0, 1, ...) is the same.
+  template <int J>
+  void add_rank_tile(const Wkv4LowRank& lr, const std::vector<acc_t>& packed, const acc_t* zb, int64_t j0,
+                     int64_t steps, const void* base, int64_t bs, int64_t ts, int64_t cs, int64_t t0,
+                     acc_t* eff) const {
+    for_channels([&]<typename F>(int64_t c) {
+      F ureg[J];
+      for (int j = 0; j < J; ++j) ureg[j] = load_lanes<F, acc_t>(packed.data() + (j0 + j) * len + c, 1);
+      auto start = [&](int64_t i) {
+        return j0 == 0 ? load_lanes<F, acc_t>(static_cast<const scalar_t*>(base) + b * bs + (t0 + i) * ts +
+                                                  (c_begin + c) * cs, cs)
+                       : load_lanes<F, acc_t>(eff + i * len + c, 1);
+      };
+      auto fma = [](acc_t z, const F& u, const F& x) {
+        // An explicit FMA: -std=c++20 turns off GCC's contraction of a * b + c.
+        if constexpr (Lanes<F>::n == 1) return std::fma(z, u, x);
+        else return at::vec::fmadd(F(z), u, x);
+      };
+      // kSteps steps at a time: independent chains side by side in the registers.
+      int64_t i = 0;
+      for (; i + kSteps <= steps; i += kSteps) {
+        F x[kSteps];
+        for (int q = 0; q < kSteps; ++q) x[q] = start(i + q);
+        for (int j = 0; j < J; ++j)
+          for (int q = 0; q < kSteps; ++q) x[q] = fma(zb[(i + q) * lr.rank + j0 + j], ureg[j], x[q]);
+        for (int q = 0; q < kSteps; ++q) store_lanes<F, acc_t>(eff + (i + q) * len + c, 1, x[q]);
+      }
+      for (; i < steps; ++i) {
+        F x = start(i);
+        for (int j = 0; j < J; ++j) x = fma(zb[i * lr.rank + j0 + j], ureg[j], x);
+        store_lanes<F, acc_t>(eff + i * len + c, 1, x);
+      }
+    });
+  }
+
+  void effective_rows(const void* base, int64_t bs, int64_t ts, int64_t cs, const Wkv4LowRank& lr,
+                      const std::vector<acc_t>& packed, int64_t t0, int64_t steps, std::vector<acc_t>& zb,
+                      acc_t* eff) const {
+    zb.resize(steps * lr.rank);
+    for (int64_t i = 0; i < steps; ++i) load_z(lr, t0 + i, zb.data() + i * lr.rank);
+    for (int64_t j0 = 0; j0 < lr.rank; j0 += kRankTile) {
+      const int64_t jn = std::min<int64_t>(kRankTile, lr.rank - j0);
+      // The tile's width as a template argument keeps U's vectors in registers.
+      [&]<int... J>(std::integer_sequence<int, J...>) {
+        (void)((jn == J + 1 ? (add_rank_tile<J + 1>(lr, packed, zb.data(), j0, steps, base, bs, ts, cs, t0, eff),
+                               true)
+                            : false) ||
+               ...);
+      }(std::make_integer_sequence<int, kRankTile>{});
     }
-    return x;
+  }
+
+  // The effective keys and values of steps [t0, t0 + steps) into ek / ev, for the
+  // perturbed ones (has_key_lr() / has_value_lr()).
+  void effective_block(int64_t t0, int64_t steps, std::vector<acc_t>& zb, acc_t* ek, acc_t* ev) const {
+    if (has_key_lr())
+      effective_rows(p.key, p.k_batch_stride, p.k_seq_stride, p.k_chan_stride, p.key_lr, key_u, t0, steps, zb, ek);
+    if (has_value_lr())
+      effective_rows(p.value, p.v_batch_stride, p.v_seq_stride, p.v_chan_stride, p.value_lr, value_u, t0, steps, zb,
+                     ev);
+  }
+  // Asks for step t's raw key and value at channel c (the perturbed ones) while the
+  // recurrence computes an earlier block: the pass that forms the effective rows is
+  // memory-bound and would otherwise wait for them with nothing to overlap.
+  void prefetch_inputs(int64_t t, int64_t c) const {
+    if (has_key_lr())
+      __builtin_prefetch(static_cast<const scalar_t*>(p.key) + b * p.k_batch_stride + t * p.k_seq_stride +
+                         (c_begin + c) * p.k_chan_stride);
+    if (has_value_lr())
+      __builtin_prefetch(static_cast<const scalar_t*>(p.value) + b * p.v_batch_stride + t * p.v_seq_stride +
+                         (c_begin + c) * p.v_chan_stride);
+  }
+  bool has_key_lr() const { return p.key_lr.rank > 0; }
+  bool has_value_lr() const { return p.value_lr.rank > 0; }
+
+  // Step t's key / value at channel c: from the block buffer when perturbed (row i of
+  // the block), else straight from the input.
+  template <typename F>
+  F key(const acc_t* ek, int64_t i, int64_t t, int64_t c) const {
+    if (has_key_lr()) return load_lanes<F, acc_t>(ek + i * len + c, 1);
+    return load_lanes<F, acc_t>(static_cast<const scalar_t*>(p.key) + b * p.k_batch_stride + t * p.k_seq_stride +
+                                    (c_begin + c) * p.k_chan_stride, p.k_chan_stride);
   }
   template <typename F>
-  F key(const acc_t* zt, int64_t t, int64_t c) const {
-    return effective<F>(p.key, p.k_batch_stride, p.k_seq_stride, p.k_chan_stride, p.key_lr, key_u, zt, t, c);
-  }
-  template <typename F>
-  F value(const acc_t* zt, int64_t t, int64_t c) const {
-    return effective<F>(p.value, p.v_batch_stride, p.v_seq_stride, p.v_chan_stride, p.value_lr, value_u, zt, t, c);
+  F value(const acc_t* ev, int64_t i, int64_t t, int64_t c) const {
+    if (has_value_lr()) return load_lanes<F, acc_t>(ev + i * len + c, 1);
+    return load_lanes<F, acc_t>(static_cast<const scalar_t*>(p.value) + b * p.v_batch_stride + t * p.v_seq_stride +
+                                    (c_begin + c) * p.v_chan_stride, p.v_chan_stride);
   }
 
   // Pointer to channel c of this task in row `row` of a contiguous [B, rows, C] buffer.
@@ -198,6 +279,10 @@ void store_rows(const Task<scalar_t>& task, void* buf, const std::vector<at::opm
   std::copy_n(c.begin(), task.len, task.row_ptr(out, 3, 2, 0));
 }
 
+// Steps whose effective keys and values are formed together (Task::effective_rows):
+// 2 x 16 x len floats of buffer (L1/L2), and far enough ahead for the prefetches.
+constexpr int64_t kBlock = 16;
+
 template <typename scalar_t>
 void forward_task(const Task<scalar_t>& task) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -206,19 +291,26 @@ void forward_task(const Task<scalar_t>& task) {
   const auto* u = static_cast<const acc_t*>(p.u) + task.c_begin;
   StateRows<acc_t> s(task.len);
   init_state(task, s);
-  std::vector<acc_t> zk(p.key_lr.rank), zv(p.value_lr.rank);
-  for (int64_t t = 0; t < p.seqlen; ++t) {
-    task.load_z(p.key_lr, t, zk.data());
-    task.load_z(p.value_lr, t, zv.data());
-    auto* out = task.row_ptr(static_cast<scalar_t*>(p.out), p.seqlen, t, 0);
-    task.for_channels([&]<typename F>(int64_t c) {
-      using Ops = OpsFor<F, acc_t>;
-      State<F> st = s.template load<F>(c);
-      const F y = forward_step<Ops>(load_lanes<F, acc_t>(w + c, 1), load_lanes<F, acc_t>(u + c, 1),
-                                    task.template key<F>(zk.data(), t, c), task.template value<F>(zv.data(), t, c), st);
-      s.template store<F>(c, st);
-      store_lanes<F, acc_t>(out + c, 1, y);
-    });
+  std::vector<acc_t> ek(task.has_key_lr() ? kBlock * task.len : 0), ev(task.has_value_lr() ? kBlock * task.len : 0),
+      zb;
+  for (int64_t t0 = 0; t0 < p.seqlen; t0 += kBlock) {
+    const int64_t steps = std::min(kBlock, p.seqlen - t0);
+    task.effective_block(t0, steps, zb, ek.data(), ev.data());
+    for (int64_t i = 0; i < steps; ++i) {
+      const int64_t t = t0 + i;
+      auto* out = task.row_ptr(static_cast<scalar_t*>(p.out), p.seqlen, t, 0);
+      const int64_t ahead = t + kBlock < p.seqlen ? t + kBlock : -1;
+      task.for_channels([&]<typename F>(int64_t c) {
+        using Ops = OpsFor<F, acc_t>;
+        if (ahead >= 0) task.prefetch_inputs(ahead, c);
+        State<F> st = s.template load<F>(c);
+        const F y = forward_step<Ops>(load_lanes<F, acc_t>(w + c, 1), load_lanes<F, acc_t>(u + c, 1),
+                                      task.template key<F>(ek.data(), i, t, c),
+                                      task.template value<F>(ev.data(), i, t, c), st);
+        s.template store<F>(c, st);
+        store_lanes<F, acc_t>(out + c, 1, y);
+      });
+    }
   }
   store_rows(task, p.state_out, s.a, s.b, s.p);
 }
@@ -233,8 +325,6 @@ void backward_task(const Task<scalar_t>& task) {
   const int64_t T = p.seqlen, len = task.len, n_seg = (T + kSegment - 1) / kSegment;
   const auto* w = static_cast<const acc_t*>(p.w) + task.c_begin;
   const auto* u = static_cast<const acc_t*>(p.u) + task.c_begin;
-  std::vector<acc_t> zk(p.key_lr.rank), zv(p.value_lr.rank);
-
   StateRows<acc_t> s(len);
   init_state(task, s);
   std::vector<acc_t> checkpoints(n_seg * 3 * len);  // [segment][a|b|p][len]
@@ -243,24 +333,29 @@ void backward_task(const Task<scalar_t>& task) {
     std::copy(s.b.begin(), s.b.end(), dst.begin() + (i * 3 + 1) * len);
     std::copy(s.p.begin(), s.p.end(), dst.begin() + (i * 3 + 2) * len);
   };
-  auto advance = [&](int64_t t, acc_t* keys, acc_t* values) {
-    task.load_z(p.key_lr, t, zk.data());
-    task.load_z(p.value_lr, t, zv.data());
+  // The effective keys and values of one segment (kSegment rows each, formed ahead by
+  // Task::effective_block); the replay keeps them for the gradient steps.
+  std::vector<acc_t> seg_keys(kSegment * len), seg_values(kSegment * len), zb;
+  // Step t = t0 + i of the segment: advances the state; with `keep`, stores the step's
+  // effective key and value (the raw ones when unperturbed) into row i.
+  auto advance = [&](int64_t i, int64_t t, bool keep) {
     task.for_channels([&]<typename F>(int64_t c) {
       using Ops = OpsFor<F, acc_t>;
       State<F> st = s.template load<F>(c);
-      const F k = task.template key<F>(zk.data(), t, c), v = task.template value<F>(zv.data(), t, c);
+      const F k = task.template key<F>(seg_keys.data(), i, t, c), v = task.template value<F>(seg_values.data(), i, t, c);
       forward_step<Ops>(load_lanes<F, acc_t>(w + c, 1), load_lanes<F, acc_t>(u + c, 1), k, v, st);
       s.template store<F>(c, st);
-      if (keys != nullptr) {
-        store_lanes<F, acc_t>(keys + c, 1, k);
-        store_lanes<F, acc_t>(values + c, 1, v);
+      if (keep) {
+        store_lanes<F, acc_t>(seg_keys.data() + i * len + c, 1, k);
+        store_lanes<F, acc_t>(seg_values.data() + i * len + c, 1, v);
       }
     });
   };
-  for (int64_t t = 0; t < T; ++t) {
-    if (t % kSegment == 0) save(checkpoints, t / kSegment);
-    advance(t, nullptr, nullptr);
+  for (int64_t seg = 0; seg < n_seg; ++seg) {
+    const int64_t t0 = seg * kSegment, steps = std::min(kSegment, T - t0);
+    save(checkpoints, seg);
+    task.effective_block(t0, steps, zb, seg_keys.data(), seg_values.data());
+    for (int64_t i = 0; i < steps; ++i) advance(i, t0 + i, false);
   }
 
   StateRows<acc_t> g(len);  // dL/d(state), carried backwards
@@ -269,15 +364,16 @@ void backward_task(const Task<scalar_t>& task) {
   std::copy_n(task.row_ptr(gso, 3, 1, 0), len, g.b.begin());
   std::copy_n(task.row_ptr(gso, 3, 2, 0), len, g.p.begin());
   std::vector<acc_t> gw(len, acc_t(0)), gu(len, acc_t(0));
-  std::vector<acc_t> seg_states(kSegment * 3 * len), seg_keys(kSegment * len), seg_values(kSegment * len);
+  std::vector<acc_t> seg_states(kSegment * 3 * len);
   for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
     const int64_t t0 = seg * kSegment, steps = std::min(kSegment, T - t0);
     std::copy_n(checkpoints.begin() + (seg * 3 + 0) * len, len, s.a.begin());
     std::copy_n(checkpoints.begin() + (seg * 3 + 1) * len, len, s.b.begin());
     std::copy_n(checkpoints.begin() + (seg * 3 + 2) * len, len, s.p.begin());
+    task.effective_block(t0, steps, zb, seg_keys.data(), seg_values.data());
     for (int64_t j = 0; j < steps; ++j) {
       save(seg_states, j);
-      advance(t0 + j, seg_keys.data() + j * len, seg_values.data() + j * len);
+      advance(j, t0 + j, true);
     }
     for (int64_t j = steps - 1; j >= 0; --j) {
       const int64_t t = t0 + j;
