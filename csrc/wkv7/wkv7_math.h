@@ -3,8 +3,10 @@
 // templated on
 //   F    the number type of a group of key indices j: float or double (one j), or
 //        at::vec::Vectorized<float/double> on the CPU (one j per lane);
-//   Ops  the elementary operations: exp(x), neg(x), fma(x, y, z) = x*y + z, and
-//        sum(F) = the sum of F's lanes (the identity for a scalar).
+//   Ops  the elementary operations: exp(x), neg(x), fma(x, y, z) = x*y + z,
+//        sum(F) = the sum of F's lanes (the identity for a scalar), and
+//        sum_all<M>(acc, out): out[m] = sum(acc[m]) for m < M (one transpose-and-add
+//        for M vectors on the CPU instead of M separate reductions).
 // So the CPU tests exercise exactly the arithmetic the GPU runs.
 //
 // Per (sample, head) the state S is N x N, indexed [value i, key j]. A step with
@@ -58,6 +60,10 @@ struct ScalarOps {
   static PROSG_HD double neg(double x) { return -x; }
   static PROSG_HD float sum(float x) { return x; }
   static PROSG_HD double sum(double x) { return x; }
+  template <int M, typename F>
+  static PROSG_HD void sum_all(const F* acc, F* out) {
+    for (int m = 0; m < M; ++m) out[m] = acc[m];
+  }
 };
 
 // d = exp(-exp(w)). For w -> +inf, exp(w) overflows to inf and d is exactly 0; for
@@ -74,23 +80,49 @@ PROSG_HD F decay_grad(const F& w, const F& dd) {
   return Ops::neg(dd * Ops::exp(w - Ops::exp(w)));
 }
 
-// One forward step of one value row i: `s` holds the row's R groups of key indices
-// (R = N / lanes) and is advanced in place; r, d, k, a, b point at the step's R groups
-// (d already exp(-exp(w))); v is v_i. Returns y_i.
-template <class Ops, int R, typename F, typename S>
-PROSG_HD S forward_row(F* s, const F* r, const F* d, const F* k, const F* a, const F* b, S v) {
-  F acc(S(0));
+// One forward step of M value rows at once: `s` holds the rows' R register groups
+// each (row m at s + m * R; R = N / lanes) and is advanced in place; r, d, k, a, b
+// point at the step's R groups (d already exp(-exp(w))); v[m] is the rows' v_i.
+// Writes y_i to y[m]. The M rows are independent chains (instruction-level
+// parallelism) sharing each load of r, d, k, a, b: the CPU steps 4 rows at a time;
+// a CUDA thread has one row (M = 1).
+template <class Ops, int R, int M, typename F, typename S>
+PROSG_HD void forward_rows(F* s, const F* r, const F* d, const F* k, const F* a, const F* b, const S* v, S* y) {
+  F acc[M];
   PROSG_WKV7_UNROLL
-  for (int q = 0; q < R; ++q) acc = Ops::fma(a[q], s[q], acc);
-  const F sa(Ops::sum(acc));
-  const F vv(v);
-  F y(S(0));
+  for (int m = 0; m < M; ++m) acc[m] = F(S(0));
+  // Each input group is read once into a local: the pointers may alias `s` as far as
+  // the compiler knows, so a read inside the loop over m would be repeated per row.
   PROSG_WKV7_UNROLL
   for (int q = 0; q < R; ++q) {
-    s[q] = Ops::fma(s[q], d[q], Ops::fma(vv, k[q], sa * b[q]));
-    y = Ops::fma(s[q], r[q], y);
+    const F aq = a[q];
+    PROSG_WKV7_UNROLL
+    for (int m = 0; m < M; ++m) acc[m] = Ops::fma(aq, s[m * R + q], acc[m]);
   }
-  return Ops::sum(y);
+  S sums[M];
+  Ops::template sum_all<M>(acc, sums);
+  F sa[M], vv[M], out[M];
+  PROSG_WKV7_UNROLL
+  for (int m = 0; m < M; ++m) sa[m] = F(sums[m]), vv[m] = F(v[m]), out[m] = F(S(0));
+  PROSG_WKV7_UNROLL
+  for (int q = 0; q < R; ++q) {
+    const F rq = r[q], dq = d[q], kq = k[q], bq = b[q];
+    PROSG_WKV7_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const F x = Ops::fma(s[m * R + q], dq, Ops::fma(vv[m], kq, sa[m] * bq));
+      s[m * R + q] = x;
+      out[m] = Ops::fma(x, rq, out[m]);
+    }
+  }
+  Ops::template sum_all<M>(out, y);
+}
+
+// One forward step of one value row i (forward_rows with M = 1). Returns y_i.
+template <class Ops, int R, typename F, typename S>
+PROSG_HD S forward_row(F* s, const F* r, const F* d, const F* k, const F* a, const F* b, S v) {
+  S y;
+  forward_rows<Ops, R, 1>(s, r, d, k, a, b, &v, &y);
+  return y;
 }
 
 // The row scalars of the backward of one step for value row i.

@@ -52,6 +52,19 @@ struct VecOps {
   static T sum(const V& x) {
     return at::vec::vec_reduce_all<T>([](V& u, V& v) { return u + v; }, x);
   }
+  template <int M>
+  static void sum_all(const V* acc, T* out) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float> && M == 4) {
+      // Three horizontal adds and one lane add reduce four registers at once: a
+      // separate reduction per row cost as much as the row's arithmetic at N = 64.
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+      return;
+    }
+#endif
+    for (int m = 0; m < M; ++m) out[m] = sum(acc[m]);
+  }
 };
 
 // One (sample, head) task with head size N: the step inputs as register groups.
@@ -115,12 +128,13 @@ struct Head {
     for (int q = 0; q < N * R; ++q) S[q].store(dst + q * W);
   }
 
-  // One forward step of the whole head; writes y (N scalars) when `y` is given.
+  // Rows stepped together (forward_rows): 4 independent chains hide the FMA latency
+  // and share each load of the step's inputs; every head size is a multiple of 4.
+  static constexpr int kRows = 4;
+
+  // One forward step of the whole head; y receives the N outputs.
   static void step(Vec* S, const Step& s, acc_t* y) {
-    for (int i = 0; i < N; ++i) {
-      const acc_t yi = forward_row<Ops, R>(S + i * R, s.r, s.d, s.k, s.a, s.b, s.v[i]);
-      if (y != nullptr) y[i] = yi;
-    }
+    for (int i = 0; i < N; i += kRows) forward_rows<Ops, R, kRows>(S + i * R, s.r, s.d, s.k, s.a, s.b, s.v + i, y + i);
   }
 
   void forward() const {
@@ -143,10 +157,11 @@ struct Head {
     std::vector<Vec> S(words), checkpoints(n_seg * words);
     init_state(S.data());
     Step s;
+    alignas(64) acc_t y[N];  // not needed: the forward's outputs are not recomputed
     for (int64_t t = 0; t < T; ++t) {
       if (t % kSegment == 0) std::copy(S.begin(), S.end(), checkpoints.begin() + (t / kSegment) * words);
       load_step(s, t);
-      step(S.data(), s, nullptr);
+      step(S.data(), s, y);
     }
 
     std::vector<Vec> g(words), seg_states(kSegment * words);  // g: dL/dS, carried backwards
@@ -167,7 +182,7 @@ struct Head {
       for (int64_t j = 0; j < steps; ++j) {
         std::copy(S.begin(), S.end(), seg_states.begin() + j * words);
         load_step(s, t0 + j);
-        step(S.data(), s, nullptr);
+        step(S.data(), s, y);
       }
       for (int64_t j = steps - 1; j >= 0; --j) {
         const int64_t t = t0 + j;
