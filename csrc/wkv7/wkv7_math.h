@@ -157,21 +157,29 @@ struct ColumnGrad {
   F dr, dk, da, db, dd;
 };
 
-// Column phase of the backward of one step, one (i, j) group: s = S_ij before the
-// step, G = G_ij from the row phase; the row scalars gy_i, v_i and row.sa, row.dsa;
-// d, k, a, b of key group j. Accumulates into `acc` and returns dL/dS_ij before the
-// step.
+// Column phase of the backward of one step, one (i, j) group, given both states:
+// s = S_ij before the step and s_new = S'_ij after it, G = G_ij from the row phase;
+// the row scalars gy_i and row.sa, row.dsa (v_i enters through G and S' only); d, a of
+// key group j. Accumulates into `acc` and returns dL/dS_ij before the step.
 template <class Ops, typename F, typename S>
-PROSG_HD F backward_column(const F& s, const F& G, S gy, S v, const RowGrad<S>& row, const F& d, const F& k,
-                           const F& a, const F& b, ColumnGrad<F>& acc) {
+PROSG_HD F backward_column_given(const F& s, const F& s_new, const F& G, S gy, S v, const RowGrad<S>& row,
+                                 const F& d, const F& a, ColumnGrad<F>& acc) {
   const F vv(v), sa(row.sa), dsa(row.dsa);
-  const F s_new = Ops::fma(s, d, Ops::fma(vv, k, sa * b));
   acc.dr = Ops::fma(F(gy), s_new, acc.dr);
   acc.dk = Ops::fma(G, vv, acc.dk);
   acc.db = Ops::fma(G, sa, acc.db);
   acc.dd = Ops::fma(G, s, acc.dd);
   acc.da = Ops::fma(dsa, s, acc.da);
   return Ops::fma(G, d, dsa * a);
+}
+
+// The same with S' recomputed from S (the GPU's column phase, which keeps only the
+// states before each step): S'_ij = S_ij d_j + v_i k_j + sa_i b_j, as forward_rows.
+template <class Ops, typename F, typename S>
+PROSG_HD F backward_column(const F& s, const F& G, S gy, S v, const RowGrad<S>& row, const F& d, const F& k,
+                           const F& a, const F& b, ColumnGrad<F>& acc) {
+  const F s_new = Ops::fma(s, d, Ops::fma(F(v), k, F(row.sa) * b));
+  return backward_column_given<Ops>(s, s_new, G, gy, v, row, d, a, acc);
 }
 
 }  // namespace prosg::wkv7

@@ -189,16 +189,30 @@ struct Head {
         load_step(s, t);
         gather(gy, p.grad_out, t);
         const Vec* prev = seg_states.data() + j * words;
+        // The state after step t: the replay's next stored state, or where it ended.
+        const Vec* next = j + 1 < steps ? seg_states.data() + (j + 1) * words : S.data();
         ColumnGrad<Vec> acc[R];
         for (int q = 0; q < R; ++q) acc[q] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
-        // Row i's column contributions need only row i's scalars: both phases per row.
-        for (int i = 0; i < N; ++i) {
-          Vec* gi = g.data() + i * R;
-          const Vec* si = prev + i * R;
-          const RowGrad<acc_t> rg = backward_row<Ops, R>(si, gi, s.r, s.k, s.a, s.b, gy[i]);
-          dv[i] = rg.dv;
-          for (int q = 0; q < R; ++q)
-            gi[q] = backward_column<Ops>(si[q], gi[q], gy[i], s.v[i], rg, s.d[q], s.k[q], s.a[q], s.b[q], acc[q]);
+        // Row i's column contributions need only row i's scalars, so both phases run
+        // per block of kRows rows (the column sums then load and store their
+        // accumulators once per block, not once per row).
+        for (int i0 = 0; i0 < N; i0 += kRows) {
+          RowGrad<acc_t> rg[kRows];
+          for (int m = 0; m < kRows; ++m) {
+            const int i = i0 + m;
+            rg[m] = backward_row<Ops, R>(prev + i * R, g.data() + i * R, s.r, s.k, s.a, s.b, gy[i]);
+            dv[i] = rg[m].dv;
+          }
+          for (int q = 0; q < R; ++q) {
+            ColumnGrad<Vec> c = acc[q];
+            const Vec dq = s.d[q], aq = s.a[q];
+            for (int m = 0; m < kRows; ++m) {
+              const int i = i0 + m;
+              Vec& G = g[i * R + q];
+              G = backward_column_given<Ops>(prev[i * R + q], next[i * R + q], G, gy[i], s.v[i], rg[m], dq, aq, c);
+            }
+            acc[q] = c;
+          }
         }
         Vec dr[R], dw[R], dk[R], da[R], db[R];
         for (int q = 0; q < R; ++q) {
