@@ -136,8 +136,8 @@ import traceback
 import torch
 
 import prosg
-from prosg.ops import lowrank_linear, wkv4
-from prosg.reference import wkv4_ref
+from prosg.ops import lowrank_linear, wkv4, wkv7
+from prosg.reference import wkv4_ref, wkv7_ref
 
 # --quick: float32 only (initcheck and racecheck, which cost more per kernel).
 quick = "--quick" in sys.argv[1:]
@@ -217,6 +217,26 @@ def wkv(dtype, B, T, C, r, state, lowrank_kv, check_reference=False):
     return run
 
 
+def rwkv7(dtype, B, T, H, N, state, strided=False):
+    def run():
+        kw = dict(device=dev, dtype=dtype)
+        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=dev), dim=-1)
+        x = [torch.randn(B, T, H, N + strided, **kw)[..., :N] / N**0.5 for _ in range(4)]
+        x[1] = x[1] * N**0.5 - 2  # w
+        leaves = [t.detach().requires_grad_(True) for t in x + [(-kk).to(dtype), (kk * 0.5).to(dtype)]]
+        s = torch.randn(B, H, N, N, device=dev, requires_grad=True) if state else None
+        out, state_out = wkv7(*leaves, s)
+        # Against the float64 reference: finite is not enough for a wrong barrier.
+        cpu = lambda t: None if t is None else t.detach().double().cpu()
+        ref_out, ref_state = wkv7_ref(*(cpu(t) for t in leaves), cpu(s))
+        tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+        for name, got, want in (("out", out, ref_out), ("state_out", state_out, ref_state)):
+            err = (got.double().cpu() - want).abs().max().item() / max(1.0, want.abs().max().item())
+            assert err <= tol, f"{name}: relative max error {err:.3g} > {tol}"
+        grads([out, state_out], leaves + ([s] if state else []))
+    return run
+
+
 def decode_step(dtype, B, H, C, F, r, with_deltas):
     def run():
         kw = dict(device=dev, dtype=dtype)
@@ -251,6 +271,9 @@ for dtype in (torch.float32,) if quick else (torch.float32, torch.float16, torch
     case(f"wkv4 {n} state+lowrank", wkv(dtype, 3, 65, 131, 4, True, True))
     case(f"wkv4 {n} long (chunked scan)", wkv(dtype, 1, 4099, 37, 2, True, True, check_reference=True))
     case(f"wkv4 {n} short last chunk", wkv(dtype, 1, 2111, 3, 2, True, False, check_reference=True))
+    for N in (16, 32, 64, 128):
+        case(f"wkv7 {n} N={N}", rwkv7(dtype, 2, 19, 3, N, state=N != 32, strided=N == 64))
+    case(f"wkv7 {n} T=40 (3 segments)", rwkv7(dtype, 1, 40, 1, 64, state=True))
     case(f"rwkv4 decode steps {n}", decode_step(dtype, 3, 37, 45, 70, 5, True))
     case(f"rwkv4 decode steps {n} no delta", decode_step(dtype, 1, 64, 64, 256, 1, False))
 print(f"{failed} failed, {missing} without a CUDA kernel", flush=True)
@@ -323,9 +346,10 @@ EOF
 cat > "$OUT/cuda_emu.sh" <<EOF
 set -e
 cmake -S . -B "$OUT/cuda_emu_build" -DCMAKE_BUILD_TYPE=Release \$(command -v ninja > /dev/null && echo -G Ninja)
-cmake --build "$OUT/cuda_emu_build" --target test_cuda_kernels test_cuda_emu --parallel "$MAX_JOBS"
+cmake --build "$OUT/cuda_emu_build" --target test_cuda_kernels test_cuda_wkv7 test_cuda_emu --parallel "$MAX_JOBS"
 "$OUT/cuda_emu_build/test_cuda_emu"
 "$OUT/cuda_emu_build/test_cuda_kernels"
+"$OUT/cuda_emu_build/test_cuda_wkv7"
 EOF
 
 SANITIZER=$(find_sanitizer)

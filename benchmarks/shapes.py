@@ -43,6 +43,9 @@ SHAPES: dict[str, Shape] = {
         # Prompt processing (prefill) of a small RWKV-4 (169M: d_model 768).
         Shape("small", batch=4, seqlen=256, dim=768, rank=8),
         Shape("medium", batch=8, seqlen=1024, dim=768, rank=8),
+        # One sequence of the medium shape (bench_wkv7: 12 heads of 64 for one sample,
+        # too few to fill every core or SM).
+        Shape("medium-b1", batch=1, seqlen=1024, dim=768, rank=8),
         # A 1.5B-class width (d_model 2048) with the FFN's 4x up-projection.
         Shape("wide", batch=8, seqlen=512, dim=2048, dim_out=8192, rank=16),
         # Token-by-token generation: many sequences, one token each.

@@ -38,6 +38,7 @@ def test_dry_run(tmp_path):
         assert status[name] == "skipped (dry run: needs a GPU)", (name, status[name])
     emu = (tmp_path / "tests_cuda.log").read_text()
     assert "0 failed" in emu and "wkv4_forward_every_chunk_boundary" in emu, emu[-2000:]
+    assert "[  OK  ] wkv7_every_head_size" in emu, emu[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "dry run" in summary and "**all steps ok**" in summary
     for name in ORDER:

@@ -28,7 +28,7 @@ from tolerances import assert_close
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
-from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
+from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4, wkv7
 from prosg.ops.rwkv4_step import CHANNEL_MIX_KINDS, TIME_MIX_KINDS
 from prosg.reference import lowrank_linear_ref
 
@@ -85,6 +85,17 @@ def _wkv4_backward_args():
     return dict(_wkv4_args(), grad_out=_randn(3, 4, 5), grad_state_out=_randn(3, 3, 5))
 
 
+# wkv7: B=2, T=3, H=2, N=16, with an initial state.
+def _wkv7_args():
+    kk = torch.nn.functional.normalize(_randn(2, 3, 2, 16), dim=-1)
+    return dict(r=_randn(2, 3, 2, 16, scale=0.25), w=_randn(2, 3, 2, 16), k=_randn(2, 3, 2, 16, scale=0.25),
+                v=_randn(2, 3, 2, 16), a=-kk, b=kk * 0.5, state=_randn(2, 2, 16, 16, scale=0.5))
+
+
+def _wkv7_backward_args():
+    return dict(_wkv7_args(), grad_out=_randn(2, 3, 2, 16), grad_state_out=_randn(2, 2, 16, 16))
+
+
 # Decode steps: B=2, H=5, attention width C=6, feed-forward width F=7, r=2.
 def _pair(dout, din):
     return [_randn(2, dout, 2, scale=0.7), _randn(2, din, 2, scale=din**-0.5)]
@@ -116,6 +127,8 @@ SPECS = {
     "lowrank_linear_backward": Spec(OPS.lowrank_linear_backward.default, _lowrank_backward_args, "x", "weight"),
     "wkv4": Spec(OPS.wkv4.default, _wkv4_args, "key", "value"),
     "wkv4_backward": Spec(OPS.wkv4_backward.default, _wkv4_backward_args, "key", "value"),
+    "wkv7": Spec(OPS.wkv7.default, _wkv7_args, "r", "w"),
+    "wkv7_backward": Spec(OPS.wkv7_backward.default, _wkv7_backward_args, "r", "w"),
     "rwkv4_time_mix_step": Spec(OPS.rwkv4_time_mix_step.default, _time_mix_args, "x", "shift", _delta_factor),
     "rwkv4_channel_mix_step": Spec(OPS.rwkv4_channel_mix_step.default, _channel_mix_args, "x", "shift",
                                    _delta_factor),
@@ -218,6 +231,9 @@ def test_python_entry_points_reject_meta_mixes():
 # 2. The fake kernels validate like the C++ kernels
 
 
+NAMES7 = ("r", "w", "k", "v", "a", "b", "state")
+
+
 def _bad(spec_name: str, **changes) -> tuple[str, Callable[[], dict]]:
     """``(op, make)``: ``make()`` gives the op's valid arguments with ``changes`` applied
     (a value, or a function of the valid arguments)."""
@@ -294,6 +310,26 @@ BAD_CALLS = {
     "wkvb grad_state_out 2-D": _bad("wkv4_backward", grad_state_out=_randn(3, 5)),
     "wkvb grad_state_out dtype": _bad("wkv4_backward", grad_state_out=_randn(3, 3, 5, dtype=torch.float64)),
     "wkvb value length": _bad("wkv4_backward", value=_randn(3, 3, 5)),
+    # wkv7 (B=2, T=3, H=2, N=16)
+    "wkv7 r 3-D": _bad("wkv7", r=_randn(2, 3, 32)),
+    "wkv7 r integer": _bad("wkv7", r=torch.ones(2, 3, 2, 16, dtype=torch.int32)),
+    "wkv7 head size 8": _bad("wkv7", **{k: (lambda a, k=k: a[k][..., :8]) for k in "rwkvab"},
+                             state=_randn(2, 2, 8, 8)),
+    "wkv7 head size 20 (w mismatched too)": _bad("wkv7", r=_randn(2, 3, 2, 20)),
+    "wkv7 w heads": _bad("wkv7", w=_randn(2, 3, 3, 16)),
+    "wkv7 k length": _bad("wkv7", k=_randn(2, 4, 2, 16)),
+    "wkv7 v batch": _bad("wkv7", v=_randn(1, 3, 2, 16)),
+    "wkv7 a dtype": _bad("wkv7", a=_randn(2, 3, 2, 16, dtype=torch.bfloat16)),
+    "wkv7 b 3-D": _bad("wkv7", b=_randn(2, 3, 32)),
+    "wkv7 state shape": _bad("wkv7", state=_randn(2, 2, 16, 8)),
+    "wkv7 state dtype": _bad("wkv7", state=_randn(2, 2, 16, 16, dtype=torch.float64)),
+    "wkv7 bfloat16 state": _bad("wkv7", **{k: (lambda a, k=k: a[k].bfloat16()) for k in NAMES7}),
+    # wkv7_backward
+    "wkv7b grad_out shape": _bad("wkv7_backward", grad_out=_randn(2, 3, 2, 32)),
+    "wkv7b grad_out dtype": _bad("wkv7_backward", grad_out=_randn(2, 3, 2, 16, dtype=torch.float16)),
+    "wkv7b grad_state_out shape": _bad("wkv7_backward", grad_state_out=_randn(2, 2, 16)),
+    "wkv7b grad_state_out dtype": _bad("wkv7_backward", grad_state_out=_randn(2, 2, 16, 16, dtype=torch.float64)),
+    "wkv7b k shape": _bad("wkv7_backward", k=_randn(2, 3, 2, 32)),
     # rwkv4_time_mix_step (B=2, H=5, C=6, r=2)
     "tm x 3-D": _bad("rwkv4_time_mix_step", x=_randn(2, 1, 5)),
     "tm x integer": _bad("rwkv4_time_mix_step", x=torch.ones(2, 5, dtype=torch.int64)),
@@ -399,7 +435,7 @@ def _compiled(spec: Spec, backend="aot_eager"):
     return lambda args: compiled(*(args[n] for n in names))
 
 
-COMPILED_BAD_CALLS = ["ll V batch", "wkv value width", "tm state batch", "cm value delta width"]
+COMPILED_BAD_CALLS = ["ll V batch", "wkv value width", "wkv7 head size 8", "tm state batch", "cm value delta width"]
 
 
 @pytest.mark.parametrize("case", COMPILED_BAD_CALLS)
@@ -510,7 +546,17 @@ def test_wkv4_double_backward_raises():
     assert torch.isfinite(g_key).all() and not g_key.requires_grad
 
 
-@pytest.mark.parametrize("spec_name", ["lowrank_linear_backward", "wkv4_backward"])
+def test_wkv7_double_backward_raises():
+    a = _leaves(_wkv7_args())
+    out, state = wkv7(*(a[k] for k in NAMES7))
+    loss = (out**2).sum() + state.sum()
+    with pytest.raises(RuntimeError, match=r"^prosg\.wkv7: double backward is not supported"):
+        torch.autograd.grad(loss, [a["k"], a["w"]], create_graph=True)
+    g_k, _ = torch.autograd.grad(loss, [a["k"], a["w"]])
+    assert torch.isfinite(g_k).all() and not g_k.requires_grad
+
+
+@pytest.mark.parametrize("spec_name", ["lowrank_linear_backward", "wkv4_backward", "wkv7_backward"])
 def test_backward_ops_refuse_inputs_requiring_grad(spec_name):
     """Called directly, the backward ops have no derivative: refuse rather than hand
     back gradients whose own gradients are silently zero."""
