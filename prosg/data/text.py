@@ -96,6 +96,9 @@ class HFTokenizer:
         self.path = Path(path)
         self._tok = load_tokenizer(self.path)
         self.vocab_size = self._tok.get_vocab_size()
+        from prosg.data.hf import _unk_id
+
+        self._unk = _unk_id(self._tok)
         if eos_token == "auto":
             eos_token = "<|endoftext|>" if self._tok.token_to_id("<|endoftext|>") is not None else None
         self.eos_token = eos_token
@@ -106,7 +109,12 @@ class HFTokenizer:
                 raise ValueError(f"--eos-token {eos_token!r} is not in the vocabulary of {self.path}")
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        enc = self._tok.encode(text, add_special_tokens=False)
+        if self._unk is not None and self._unk in enc.ids:
+            # the model would read garbage where the text has a piece the vocabulary lacks
+            start, end = enc.offsets[enc.ids.index(self._unk)]
+            raise ValueError(f"unknown token {text[start:end]!r} at character {start} (not in {self.path.name})")
+        return list(enc.ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
