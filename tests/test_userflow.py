@@ -344,7 +344,7 @@ def test_chunked_checkpointed_and_bfloat16_losses():
         delta = gen(model, batch.prompt_ids, batch.prompt_mask)
         loss = response_loss(model, batch, delta, **kw)
         loss.backward()
-        return float(loss), torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None])
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None])
 
     whole, g_whole = loss_and_grad()
     for kw in (dict(chunk_length=3), dict(chunk_length=2, checkpointing=True)):
