@@ -56,4 +56,16 @@ def backends() -> dict:
     }
 
 
-__all__ = ["backends", "ops", "__version__"]
+
+
+def __getattr__(name: str):
+    # The pipeline imports the method (and tqdm, safetensors): loaded on first use, so
+    # `import prosg` stays the kernels only.
+    if name == "ProSG":
+        from prosg.pipeline import ProSG
+
+        return ProSG
+    raise AttributeError(f"module 'prosg' has no attribute {name!r}")
+
+
+__all__ = ["ProSG", "backends", "ops", "__version__"]

@@ -14,6 +14,13 @@ def _info(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(_args: argparse.Namespace) -> int:
+    from prosg.selftest import selftest
+
+    selftest()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prosg", description=__doc__)
     debug_help = "on an error, show the traceback, not just the one-line message"
@@ -21,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print what this build holds (backends, archs, torch)")
     info.set_defaults(func=_info)
+    check = sub.add_parser("selftest", help="run each op once against its float64 reference and print the errors")
+    check.set_defaults(func=_selftest)
     # The method's commands (pretrain, train, eval, demo) register themselves.
     from prosg.method.cli import add_commands
 

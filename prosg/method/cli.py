@@ -81,6 +81,50 @@ def _load_base(path: str | None):
     return load_base_model(path)
 
 
+def check_packages(command: str, required: tuple[str, ...] = ("safetensors", "tqdm"),
+                   optional: dict[str, str] | None = None) -> None:
+    """Before any work: CLIError (status 1) naming every missing required package, and
+    a warning for each optional one (``{package: what is skipped without it}``), so a
+    run never fails after its main work for want of a package."""
+    import importlib
+
+    def missing(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return True
+        return False
+
+    absent = [name for name in required if missing(name)]
+    if absent:
+        raise CLIError(f"{command} needs the package(s) {', '.join(absent)}: pip install {' '.join(absent)}", 1)
+    for name, what in (optional or {}).items():
+        if missing(name):
+            logging.getLogger("prosg").warning("%s is not installed: %s (pip install %s)", name, what, name)
+
+
+@contextlib.contextmanager
+def console_logging():
+    """INFO log lines on stderr that go through tqdm.write while a bar is shown, so bars
+    and log lines never overwrite each other."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with logging_redirect_tqdm():
+        yield
+
+
+def base_for(generator: str | None, base: str | None) -> str | None:
+    """``--base``, else the base path a generator directory records (when it still
+    exists), else None (the bundled base)."""
+    if base or not generator or not Path(generator).is_dir():
+        return base
+    from prosg.method.pretrained import read_config
+
+    hint = (read_config(generator) or {}).get("base_path")
+    return hint if hint and hint != "bundled" and Path(hint).is_dir() else None
+
+
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=nonneg_int, default=1,
                    help="torch CPU threads (default 1: a tiny model's ops are too small to split, and on a "
@@ -161,7 +205,8 @@ def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 
 # TrainConfig's fields with a `prosg train` flag (data and generator have their own).
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
-                "filler_loss", "seed", "data_seed")
+                "filler_loss", "seed", "data_seed", "max_length", "truncate", "chunk_length", "precision",
+                "checkpointing")
 
 
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
@@ -222,17 +267,42 @@ def _train(args: argparse.Namespace) -> int:
     from prosg.method.train import TrainConfig, refuse_run_dir, train
 
     generator = _generator_fields(args)
+    if args.data and _data_fields(args):
+        raise CLIError(f"train: --data trains on your pairs; the benchmark options "
+                       f"{sorted('--' + k.replace('_', '-') for k in _data_fields(args))} do not apply")
+    if args.data and not args.tokenizer:
+        raise CLIError("train: --data needs --tokenizer (a tokenizer.json file, benchmark or rwkv-world)")
+    if args.tokenizer and not args.data:
+        raise CLIError("train: --tokenizer is for --data (the benchmark has its own vocabulary)")
     refuse_run_dir(args.out, args.resume, args.overwrite)
+    check_packages("train")
     _set_threads(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, benchmark = _load_base(args.base)
-    # The base model's own benchmark is the default task; flags override its fields.
-    data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
-    _benchmark(data, args)
-    with usage_errors():
-        config = TrainConfig(**config_flag_values(args, TrainConfig, _TRAIN_FLAGS), data=data, generator=generator)
-    result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device or None,
-                   save_every=args.save_every, log_every=args.log_every, progress=not args.no_progress)
+    pairs = tokenizer = None
+    flags = config_flag_values(args, TrainConfig, _TRAIN_FLAGS)
+    if args.data:
+        from prosg.data.text import load_text_tokenizer
+        from prosg.method.train import file_sha256, load_user_data
+
+        tokenizer = load_text_tokenizer(args.tokenizer)
+        data_file = str(Path(args.data).resolve())
+        if not Path(data_file).is_file():
+            raise FileNotFoundError(f"--data {args.data}: no such file")
+        with usage_errors():
+            config = TrainConfig(**flags, generator=generator, data_file=data_file, data_sha256=file_sha256(data_file),
+                                 tokenizer=args.tokenizer, tokenizer_spec=tokenizer.spec())
+        pairs, tokenizer = load_user_data(config, tokenizer)  # every line checked before the base is loaded
+    with console_logging():
+        model, benchmark = _load_base(args.base)
+        if not args.data:
+            # The base model's own benchmark is the default task; flags override its fields.
+            data = {**(benchmark.to_dict() if benchmark is not None else {}), **_data_fields(args)}
+            _benchmark(data, args)
+            with usage_errors():
+                config = TrainConfig(**flags, data=data, generator=generator)
+        result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite,
+                       device=args.device or None, save_every=args.save_every, log_every=args.log_every,
+                       progress=not args.no_progress, pairs=pairs, tokenizer=tokenizer,
+                       base_path=str(Path(args.base).resolve()) if args.base else "bundled")
     hist = result["history"]
     if hist:
         print(f"trained {result['final_step']} steps: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
@@ -241,36 +311,47 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.data:
+        return _eval_data(args)
+    if args.verifier or args.tokenizer:
+        raise CLIError("eval: --verifier and --tokenizer are for --data (the benchmark has its own verifiers)")
     methods = _methods(args.methods)
     seeds = _seeds(args.seeds, "--seeds")
     if "prosg" in methods and not args.generator:
         raise CLIError("eval: method 'prosg' needs --generator (or drop it from --methods)")
-    if args.generator and not Path(args.generator).is_file():
-        raise FileNotFoundError(f"--generator {args.generator}: no such file")
+    from prosg.method.pretrained import weights_path
+
+    weights = weights_path(args.generator) if args.generator else None
     out = Path(args.out)
     _refuse_report(out, args)
+    check_packages("eval", optional={"matplotlib": "forgetting.png will not be drawn"})
     _set_threads(args)
     from prosg.method.demo import run_seeds, write_report
     from prosg.method.outputs import locked
     from prosg.method.train import generator_from_checkpoint, read_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, benchmark = _load_base(args.base)
+    model, benchmark = _load_base(base_for(args.generator, args.base))
     model = model.to(args.device or "cpu")
     generator = None
     data = benchmark.to_dict() if benchmark is not None else {}
     if args.generator:
-        tensors, meta = read_checkpoint(args.generator)
-        generator = generator_from_checkpoint(tensors, meta, model, args.generator)
+        tensors, meta = read_checkpoint(weights)
+        generator = generator_from_checkpoint(tensors, meta, model, weights)
         # evaluate on the task the generator was trained on (flags override it)
-        data = json.loads(meta["train_config"])["data"] or data
+        trained = json.loads(meta["train_config"]) if "train_config" in meta else {}
+        if trained.get("data_file"):
+            raise CLIError(f"eval: {args.generator} was trained on --data {trained['data_file']}; evaluate it with "
+                           "--data (the benchmark is another task)")
+        data = trained.get("data") or data
     bench = _benchmark(data, args)
-    with locked(out):
+    n = args.n if args.n is not None else 200
+    with locked(out), console_logging():
         _refuse_report(out, args)  # again, now that no other process can write one
-        results, per_seed = run_seeds(model, bench, seeds, args.n, generator, methods, batch_size=args.batch_size,
+        results, per_seed = run_seeds(model, bench, seeds, n, generator, methods, batch_size=args.batch_size,
                                       progress=not args.no_progress)
         write_report(out, results, {"base_model": args.base or "bundled", "generator": args.generator,
-                                    "examples_per_seed": args.n, "test_seeds": seeds, "benchmark": bench.to_dict()},
+                                    "examples_per_seed": n, "test_seeds": seeds, "benchmark": bench.to_dict()},
                      per_seed)
     print((out / "report.md").read_text())
     return 0
@@ -286,6 +367,7 @@ def _demo(args: argparse.Namespace) -> int:
     from prosg.method.train import refuse_run_dir
 
     refuse_run_dir(out / "generator", args.resume, args.overwrite)
+    check_packages("demo", optional={"matplotlib": "forgetting.png will not be drawn"})
     _set_threads(args)
     import time
 
@@ -304,22 +386,156 @@ def _demo(args: argparse.Namespace) -> int:
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, steps // 5),
                              seed=args.seed, data_seed=0, data=benchmark.to_dict(), generator=generator,
                              filler_loss=args.filler_loss)
-    with locked(out):
+    with locked(out), console_logging():
         _refuse_report(out, args)
         result = train(model, config, out / "generator", resume=args.resume, overwrite=args.overwrite,
                        device=args.device, save_every=max(steps // 4, 1), log_every=max(steps // 20, 1),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress,
+                       base_path=str(Path(args.base).resolve()) if args.base else "bundled")
         train_s = time.perf_counter() - t0
         results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], batch_size=32,
                                       progress=not args.no_progress)
         hist = result["history"]
-        info = {"base_model": args.base or "bundled", "generator": str(out / "generator" / "generator.safetensors"),
+        info = {"base_model": args.base or "bundled", "generator": str(out / "generator"),
                 "examples_per_seed": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
                 "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
                           "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
                 "seconds": round(time.perf_counter() - t0, 1)}
         write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
+    return 0
+
+
+
+DATA_REPORT_FILES = ("report.json", "report.md")
+
+
+def _tokenizer_for(generator, name: str | None):
+    """``--tokenizer``, else the one the generator was trained with."""
+    from prosg.data.text import load_text_tokenizer
+
+    if name:
+        return load_text_tokenizer(name)
+    if generator is not None and generator.tokenizer is not None:
+        return generator.tokenizer
+    raise CLIError("the generator records no tokenizer (an older prosg run): pass --tokenizer", 2)
+
+
+def _eval_data(args: argparse.Namespace) -> int:
+    """``prosg eval --data``: response-token loss by position, base vs ProSG."""
+    from prosg.method.outputs import atomic_write_text, locked, refuse_existing
+
+    out = Path(args.out)
+    if not args.overwrite:
+        refuse_existing(out, DATA_REPORT_FILES, "a report", "--overwrite to replace it")
+    if not args.generator and not args.tokenizer:
+        raise CLIError("eval --data: pass --generator (and its tokenizer is used) or --tokenizer for the base alone")
+    from prosg.method.user_eval import evaluate_pairs, format_markdown, load_verifier
+
+    verifier = None
+    if args.verifier:
+        with usage_errors():
+            verifier = load_verifier(args.verifier)
+    check_packages("eval")
+    _set_threads(args)
+    from prosg.data.text import load_text_pairs
+    from prosg.method.pretrained import load_pretrained
+    from prosg.pipeline import load_base
+
+    base = base_for(args.generator, args.base)
+    with console_logging():
+        model = load_base(base, device=args.device or "cpu")
+        generator = load_pretrained(args.generator, model)[0] if args.generator else None
+        tokenizer = _tokenizer_for(generator, args.tokenizer)
+        pairs = load_text_pairs(args.data, tokenizer, max_length=args.max_length)
+        if args.n:
+            pairs = pairs[: args.n]
+        with locked(out):
+            if not args.overwrite:
+                refuse_existing(out, DATA_REPORT_FILES, "a report", "--overwrite to replace it")
+            report = evaluate_pairs(model, generator, pairs, tokenizer, batch_size=args.batch_size,
+                                    verifier=verifier, max_new_tokens=args.max_new_tokens,
+                                    progress=not args.no_progress)
+            info = {"data": str(args.data), "base_model": base or "bundled", "generator": args.generator,
+                    "verifier": args.verifier}
+            report = {**info, **report}
+            atomic_write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(out / "report.md", format_markdown(report, info))
+    print((out / "report.md").read_text())
+    return 0
+
+
+DEFAULT_GENERATOR = "prosg_demo/generator"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import sys
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise CLIError("generate: give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    gen_dir = Path(args.generator)
+    if not gen_dir.exists():
+        hint = " (what `prosg demo --quick` writes: run it first)" if args.generator == DEFAULT_GENERATOR else ""
+        raise FileNotFoundError(f"--generator {args.generator}: no such generator directory{hint}")
+    sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k)) or args.sample
+    options = dict(do_sample=sampling, temperature=args.temperature if args.temperature is not None else 1.0,
+                   top_p=args.top_p if args.top_p is not None else 1.0,
+                   top_k=args.top_k if args.top_k is not None else 0, seed=args.seed)
+    check_packages("generate")
+    _set_threads(args)
+    from prosg.pipeline import ProSG
+
+    pipe = ProSG.from_pretrained(args.generator, base=base_for(args.generator, args.base), tokenizer=args.tokenizer,
+                                 device=args.device or "cpu")
+    n = args.max_new_tokens
+    if args.prompt is not None:
+        with usage_errors():
+            pipe.encode([args.prompt])
+        runs = [("prosg", True)] + ([("base", False)] if args.compare else [])
+        for label, steer in runs:
+            if args.compare:
+                print(f"=== {label} ===", flush=True)
+            for piece in pipe.stream(args.prompt, n, steer=steer, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return 0
+    from prosg.data.text import load_text_pairs
+
+    pairs = load_text_pairs(args.prompts, pipe.tokenizer, require_response=False)
+    for start in range(0, len(pairs), args.batch_size):
+        rows = pairs[start:start + args.batch_size]
+        prompts = [p.meta["prompt"] for p in rows]
+        steered = pipe.generate(prompts, n, **options)
+        base = pipe.generate(prompts, n, steer=False, **options) if args.compare else None
+        for i, (pair, text) in enumerate(zip(rows, steered)):
+            record = {"line": pair.meta["line"], "prompt": pair.meta["prompt"], "prosg": text}
+            if base is not None:
+                record["base"] = base[i]
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    from prosg.method.outputs import locked, refuse_existing
+
+    out = Path(args.out)
+    from prosg.method.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
+
+    if not args.overwrite:
+        refuse_existing(out, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "an adapter", "--overwrite to replace it")
+    check_packages("export-lora", required=("safetensors", "peft"))
+    _set_threads(args)
+    from prosg.pipeline import ProSG
+
+    base = base_for(args.generator, args.base)
+    pipe = ProSG.from_pretrained(args.generator, base=base, tokenizer=args.tokenizer)
+    with usage_errors():
+        delta = pipe.delta([args.prompt])
+    with locked(out):
+        export_lora(delta, pipe.model, out, base_path=str(Path(base).resolve()) if base else None)
+    print(f"wrote {out / ADAPTER_CONFIG} and {out / ADAPTER_WEIGHTS}: rank {pipe.generator.config.rank}, "
+          f"{len(delta.factors)} matrices, scale {delta.scale:g} (lora_alpha / r)")
     return 0
 
 
@@ -344,6 +560,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
     _add_training_args(p)
     _add_generator_args(p)
+    p.add_argument("--data", default=None, help="train on your (prompt, response) pairs: a JSONL file of "
+                   "{\"prompt\": str, \"response\": str} lines, instead of the benchmark")
+    p.add_argument("--tokenizer", default=None, help="with --data: a tokenizers file (tokenizer.json, RWKV-4 "
+                   "Pile models), rwkv-world (RWKV World models) or benchmark")
     p.add_argument("--save-every", type=positive_int, default=100)
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -358,8 +578,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--generator", default=None, help="a trained generator (OUT/generator.safetensors of prosg train)")
     e.add_argument("--out", required=True, help="report directory")
     add_replace_args(e)
+    e.add_argument("--data", default=None, help="evaluate on your (prompt, response) JSONL instead of the "
+                   "benchmark: response-token loss by position, base vs prosg")
+    e.add_argument("--tokenizer", default=None, help="with --data: the tokenizer (default: the generator's)")
+    e.add_argument("--verifier", default=None, help="with --data: module:function scoring greedy responses, "
+                   "called as f(prompt=, response=, reference=, record=) -> bool or number")
+    e.add_argument("--max-length", type=nonneg_int, default=0, help="with --data: refuse longer examples (0: none)")
+    e.add_argument("--max-new-tokens", type=nonneg_int, default=0,
+                   help="with --verifier: tokens generated per response (0: the reference's length + 8)")
     e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
-    e.add_argument("--n", type=positive_int, default=200, help="held-out examples per seed")
+    e.add_argument("--n", type=positive_int, default=None,
+                   help="held-out examples per seed (default 200; with --data: the first n lines, default all)")
     e.add_argument("--seeds", default="1,2,3",
                    help="benchmark seeds of the held-out examples, n each; the report gives the mean and spread "
                         "over them (default: %(default)s; prosg train uses seed 0)")
@@ -389,6 +618,40 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_threads_arg(d)
     _add_data_args(d)
     d.set_defaults(func=_demo)
+
+    gp = sub.add_parser("generate", help="generate with a trained generator's delta (streamed)",
+                        description="Encodes the prompt with the generator's tokenizer, computes its delta once and "
+                                    "streams the steered continuation; --compare prints the base model's beside it.")
+    gp.add_argument("--generator", default=DEFAULT_GENERATOR,
+                    help="a generator directory (prosg train --out, prosg demo's OUT/generator; default: %(default)s)")
+    gp.add_argument("--base", default=None, help="base model directory (default: the one the generator records, "
+                    "else the bundled one)")
+    gp.add_argument("--prompt", default=None, help="one prompt")
+    gp.add_argument("--prompts", default=None, help="a JSONL file of {\"prompt\": str} lines; one JSON line out each")
+    gp.add_argument("--tokenizer", default=None, help="override the generator's tokenizer")
+    gp.add_argument("--max-new-tokens", type=positive_int, default=64)
+    gp.add_argument("--sample", action="store_true", help="sample (also implied by --temperature/--top-p/--top-k)")
+    gp.add_argument("--temperature", type=positive_float, default=None)
+    gp.add_argument("--top-p", type=positive_float, default=None)
+    gp.add_argument("--top-k", type=nonneg_int, default=None)
+    gp.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    gp.add_argument("--compare", action="store_true", help="also print the base model's output (no delta)")
+    gp.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (--prompts)")
+    gp.add_argument("--device", default=None)
+    _add_threads_arg(gp)
+    gp.set_defaults(func=_generate)
+
+    x = sub.add_parser("export-lora", help="one prompt's delta as a PEFT LoRA adapter",
+                       description="Writes OUT/adapter_config.json and adapter_model.safetensors: the delta of "
+                                   "--prompt on transformers' RwkvForCausalLM (lora_alpha / r = the delta's scale).")
+    x.add_argument("--generator", required=True, help="a generator directory")
+    x.add_argument("--base", default=None, help="base model directory (default: the one the generator records)")
+    x.add_argument("--prompt", required=True)
+    x.add_argument("--tokenizer", default=None, help="override the generator's tokenizer")
+    x.add_argument("--out", required=True, help="adapter directory")
+    add_replace_args(x)
+    _add_threads_arg(x)
+    x.set_defaults(func=_export_lora)
 
     from prosg.method.pretrain import add_pretrain_parser
 

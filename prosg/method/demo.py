@@ -125,7 +125,8 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
     """Writes ``report.json`` (``methods.<name>.{overall,by_stage,last_stage,by_distance,
     by_op}`` plus ``info``; with ``per_seed``, also ``methods.<name>.seeds`` (each seed's
     summary) and ``methods.<name>.spread`` (mean and std over seeds)), ``report.md`` and
-    ``forgetting.png``, each atomically; returns the JSON."""
+    ``forgetting.png`` (skipped with a warning when matplotlib is missing or fails), each
+    atomically; returns the JSON."""
     if not results:
         raise ValueError("write_report: no results to report")
     out = Path(out)
@@ -180,7 +181,21 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
         lines += ["", f"## {name}", "", "```", format_result(results[name]), "```"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     spreads = {name: report["methods"][name]["spread"] for name in names} if per_seed and len(per_seed) > 1 else None
-    atomic_write(out / "forgetting.png", lambda tmp: plot_forgetting(results, tmp, spreads))
+    # The plot is optional and comes last: the reports above are the run's result, and
+    # nothing after them may fail it (a missing matplotlib, a broken backend).
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        (out / "forgetting.png").unlink(missing_ok=True)  # never leave an earlier run's plot beside this report
+        log.warning("matplotlib is not installed: %s not drawn (pip install matplotlib); report.json and report.md "
+                    "are written", out / "forgetting.png")
+        return report
+    try:
+        atomic_write(out / "forgetting.png", lambda tmp: plot_forgetting(results, tmp, spreads))
+    except Exception as e:  # noqa: BLE001 - see above
+        (out / "forgetting.png").unlink(missing_ok=True)
+        log.warning("could not draw %s (%s: %s); report.json and report.md are written", out / "forgetting.png",
+                    type(e).__name__, e)
     return report
 
 

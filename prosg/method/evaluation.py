@@ -231,7 +231,8 @@ def evaluate(model: RecurrentLM, examples: Sequence[Example], *, delta_fn: Delta
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(examples), desc="evaluate", unit="ex", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(examples), desc="evaluate", unit="ex", file=sys.stderr, dynamic_ncols=True,
+                   disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     try:
         for rows in batches:
             delta = None

@@ -402,3 +402,32 @@ class SyntheticGradientGenerator(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ directories
+
+    #: The base model this generator belongs to (:func:`prosg.method.train.base_identity`),
+    #: set by training and loading; save_pretrained records it.
+    base_identity: dict | None = None
+    #: The text tokenizer it was trained with (:mod:`prosg.data.text`), when known.
+    tokenizer = None
+
+    def save_pretrained(self, directory, model: RecurrentLM | None = None, *, tokenizer=None,
+                        base_path: str | None = None) -> None:
+        """Writes ``directory/generator.safetensors`` and ``generator_config.json``
+        (settings, targets, the base model's identity, the tokenizer's spec and file;
+        :mod:`prosg.method.pretrained`). ``model``: the base model (default: the one
+        this generator was trained or loaded for); ``base_path``: where it loads from
+        (a hint ``prosg generate`` uses when no ``--base`` is given)."""
+        from prosg.method.pretrained import save_pretrained
+
+        save_pretrained(self, directory, model, tokenizer=tokenizer, base_path=base_path)
+
+    @classmethod
+    def from_pretrained(cls, path, model: RecurrentLM) -> "SyntheticGradientGenerator":
+        """The generator of a directory written by :meth:`save_pretrained` or ``prosg
+        train`` (also a bare ``generator.safetensors``), for ``model``, in eval mode.
+        Loading onto another base model than the one it was trained on is refused with
+        a ValueError naming what differs (architecture, config fields, weights)."""
+        from prosg.method.pretrained import load_pretrained
+
+        return load_pretrained(path, model)[0]

@@ -32,6 +32,7 @@ global batch. The loss is averaged per rank, then DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, collate, encode_example, generate_example
+from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, TokenizedPair, collate, encode_example, generate_example
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
 from prosg.method.outputs import atomic_write, atomic_write_text, locked, refuse_existing
@@ -62,7 +63,7 @@ GENERATOR = "generator.safetensors"
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
 #: What a run writes to its folder: their presence means the folder holds a run.
-RUN_FILES = (CHECKPOINT, GENERATOR, LOG_FILE, CONFIG_FILE)
+RUN_FILES = (CHECKPOINT, GENERATOR, LOG_FILE, CONFIG_FILE, "generator_config.json")
 FORMAT = "prosg.generator/1"
 
 
@@ -89,15 +90,46 @@ class TrainConfig:
         "help": "take the loss on ramble filler words too (without it the delta is free to disturb the "
                 "ramble, see docs/results.md)"})
     seed: int = field(default=0, metadata={"help": "generator initialisation"})
-    data_seed: int = field(default=0, metadata={"help": "benchmark seed of the training examples"})
+    data_seed: int = field(default=0, metadata={"help": "benchmark seed of the training examples (--data: the "
+                                                        "seed of each epoch's shuffle)"})
     data: dict = field(default_factory=dict)  # MultiStageConfig fields
     generator: dict = field(default_factory=dict)  # GeneratorConfig fields
+    # User data (--data): a JSONL of {"prompt", "response"} lines instead of the benchmark.
+    data_file: str = ""
+    data_sha256: str = ""  # the file's, so that --resume refuses a changed file
+    tokenizer: str = ""  # a name or file (prosg.data.text.load_text_tokenizer)
+    tokenizer_spec: dict = field(default_factory=dict)  # its spec (with the sha256 of its files)
+    max_length: int = field(default=0, metadata={
+        "help": "most prompt + response tokens of a --data example (0: no limit); longer is an error, or see "
+                "--truncate", "min": 0})
+    truncate: str = field(default="error", metadata={
+        "help": "an example over --max-length: refuse it, naming the line (error), or cut the response's end "
+                "(response); prompts are never cut", "choices": ("error", "response")})
+    chunk_length: int = field(default=0, metadata={
+        "help": "run the response in chunks of this many tokens, the state carried with its gradient (bounds "
+                "the logits' memory on long responses; 0: one piece)", "min": 0})
+    precision: str = field(default="float32", metadata={
+        "help": "the frozen base model's dtype: float32, or bfloat16 (the generator stays float32 under "
+                "bfloat16 autocast; its delta is cast to the model's dtype)", "choices": ("float32", "bfloat16")})
+    checkpointing: bool = field(default=False, metadata={
+        "help": "activation checkpointing of the base model per chunk (recomputed in the backward pass: less "
+                "memory, about one more forward)"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "warmup_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup_steps" else 1):
                 raise ValueError(f"TrainConfig.{name} must be an int >= {0 if name == 'warmup_steps' else 1}, got {v!r}")
+        for name in ("max_length", "chunk_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if self.truncate not in ("error", "response"):
+            raise ValueError(f"TrainConfig.truncate must be 'error' or 'response', got {self.truncate!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.data_file and not self.tokenizer:
+            raise ValueError("TrainConfig.data_file needs a tokenizer (--tokenizer FILE|NAME)")
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -154,6 +186,42 @@ def batch_indices(config: TrainConfig, step: int, rank: int, world: int) -> rang
     return range(start, start + config.batch_size)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def user_batch(pairs: list[TokenizedPair], config: TrainConfig, step: int, rank: int, world: int) -> Batch:
+    """The examples of ``step`` on ``rank`` from user pairs: global example ``i`` is
+    ``pairs[order_e[i % n]]`` with ``order_e`` a seeded shuffle of epoch ``e = i // n``,
+    a pure function of the step (resuming needs no loader state), right-padded."""
+    n = len(pairs)
+    rows = [pairs[_epoch_order(n, config.data_seed, i // n)[i % n]] for i in batch_indices(config, step, rank, world)]
+    return collate(rows, 0, prompt_padding="right")
+
+
+def load_user_data(config: TrainConfig, tokenizer=None) -> tuple[list[TokenizedPair], object]:
+    """The pairs and tokenizer of ``config.data_file`` (JSONLError on a bad line, before
+    anything is written). A tokenizer whose files changed since the config was made is
+    refused."""
+    from prosg.data.text import load_text_pairs, load_text_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_text_tokenizer(config.tokenizer)
+    if config.tokenizer_spec and tok.spec() != config.tokenizer_spec:
+        raise ValueError(f"--tokenizer {config.tokenizer}: its files differ from the ones this run was started with")
+    pairs = load_text_pairs(config.data_file, tok, max_length=config.max_length, truncate=config.truncate)
+    return pairs, tok
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -181,32 +249,74 @@ def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
     return ids, labels
 
 
-def response_loss(model: RecurrentLM, batch: Batch, delta=None, state: RecurrentState | None = None) -> Tensor:
+def response_loss(model: RecurrentLM, batch: Batch, delta=None, state: RecurrentState | None = None, *,
+                  chunk_length: int = 0, checkpointing: bool = False, reduction: str = "mean") -> Tensor:
     """Mean next-token cross-entropy over the response tokens of a right-padded batch,
     with ``delta`` applied from each prompt's last token on (the convention of
     :func:`prosg.method.evaluation.evaluate`): the prompt but its last token is read by
     the base model (``state``: :func:`prefix_state`, computed when not given), then
-    ``prompt[-1] ‖ response`` runs under the delta."""
+    ``prompt[-1] ‖ response`` runs under the delta.
+
+    ``chunk_length > 0`` runs ``prompt[-1] ‖ response`` in pieces of that many tokens,
+    each continuing from the previous one's state *with its gradient* (the kernels
+    differentiate through the state), so the loss and its gradient are those of one
+    piece; only one chunk's logits exist at a time. ``checkpointing`` recomputes each
+    chunk in the backward pass instead of keeping its activations
+    (``torch.utils.checkpoint``, non-reentrant: the state is any object).
+    ``reduction="none"``: the per-position losses ``[B, R]`` (0 where no label)."""
     if state is None:
         state = prefix_state(model, batch.prompt_ids, batch.prompt_lengths)
     ids, labels = continuation(batch)
-    logits, _ = model(ids, state=state, delta=delta)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    targets = labels[:, 1:]
+    # the last position predicts nothing: the model reads ids[:, :-1] only
+    inputs = ids[:, :-1]
+    T = inputs.shape[1]
+    chunk = chunk_length if chunk_length > 0 else T
+
+    def piece(state, delta, start: int):
+        logits, state = model(inputs[:, start:start + chunk], state=state, delta=delta)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, start:start + chunk].flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.view(logits.shape[0], -1), state
+
+    parts = []
+    for start in range(0, T, chunk):
+        if checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            losses, state = checkpoint(piece, state, delta, start, use_reentrant=False)
+        else:
+            losses, state = piece(state, delta, start)
+        parts.append(losses)
+    losses = torch.cat(parts, 1)
+    if reduction == "none":
+        return losses
+    # as F.cross_entropy's mean: NaN when nothing has a label
+    return losses.sum() / (targets != IGNORE_INDEX).sum()
 
 
 class _Objective(nn.Module):
     """The generator plus the loss, as one module for DDP. The frozen base model is
     held outside the module tree (DDP must neither broadcast nor reduce it)."""
 
-    def __init__(self, generator: SyntheticGradientGenerator, model: RecurrentLM):
+    def __init__(self, generator: SyntheticGradientGenerator, model: RecurrentLM, config: "TrainConfig | None" = None):
         super().__init__()
         self.generator = generator
         self._model = [model]
+        self._config = config if config is not None else TrainConfig()
 
     def forward(self, batch: Batch, state: RecurrentState | None) -> Tensor:
-        model = self._model[0]
-        delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
-        return response_loss(model, batch, delta, state)
+        model, config = self._model[0], self._config
+        if config.precision == "bfloat16":
+            # autocast for the generator's own layers only: prosg's kernels take one
+            # dtype, so the delta is cast to the (bfloat16) base model's.
+            with torch.autocast(model.device.type, dtype=torch.bfloat16):
+                delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
+            delta = delta.to(model.dtype)
+        else:
+            delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
+        return response_loss(model, batch, delta, state, chunk_length=config.chunk_length,
+                             checkpointing=config.checkpointing)
 
 
 def freeze(model: RecurrentLM) -> RecurrentLM:
@@ -294,7 +404,7 @@ def check_base(meta: dict[str, str], model: RecurrentLM, path: str | Path,
 
 
 def save_checkpoint(path: Path, generator: SyntheticGradientGenerator, optimizer: torch.optim.Optimizer | None,
-                    step: int, config: TrainConfig, base: dict | None = None) -> None:
+                    step: int, config: TrainConfig | None, base: dict | None = None) -> None:
     """Writes generator weights (``generator.*``), AdamW's state (``optim.<i>.<key>``,
     its param groups in the metadata), the step, RNG states, the base model's identity
     ``base`` (:func:`base_identity`) and a checksum; atomically (a temporary file
@@ -303,9 +413,10 @@ def save_checkpoint(path: Path, generator: SyntheticGradientGenerator, optimizer
     from safetensors.torch import save_file
 
     tensors = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    meta = {"format": FORMAT, "step": str(step), "train_config": config.to_json(),
-            "generator_config": json.dumps(generator.config.to_dict()),
+    meta = {"format": FORMAT, "step": str(step), "generator_config": json.dumps(generator.config.to_dict()),
             "rng.python": json.dumps(random.getstate())}
+    if config is not None:  # None: a generator saved outside training (save_pretrained)
+        meta["train_config"] = config.to_json()
     if base is not None:
         meta["base_model"] = json.dumps(base, sort_keys=True)
     if optimizer is not None:
@@ -471,7 +582,8 @@ class Progress:
 
 def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           overwrite: bool = False, device: str | torch.device | None = None, save_every: int = 100,
-          log_every: int = 10, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+          log_every: int = 10, progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+          pairs: list[TokenizedPair] | None = None, tokenizer=None, base_path: str | None = None) -> dict:
     """Trains a generator for the frozen ``model`` and writes ``out_dir``:
     ``checkpoint.safetensors`` (latest, resumable), ``generator.safetensors`` (final
     weights), ``train_log.jsonl`` (one line per logged step) and ``train_config.json``.
@@ -486,6 +598,13 @@ def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resum
     completed steps). Under torchrun a process group is created here unless one exists
     (and then destroyed at the end); see :func:`start_run`.
 
+    With ``config.data_file`` the examples are user (prompt, response) pairs
+    (:func:`load_user_data`; ``pairs`` and ``tokenizer`` when already loaded), else the
+    benchmark of ``config.data``. The final generator is written as a generator
+    directory (:mod:`prosg.method.pretrained`: ``generator.safetensors`` and
+    ``generator_config.json`` with the tokenizer; ``base_path`` is recorded as where the
+    base model loads from).
+
     Returns ``{"generator", "history" (logged records), "final_step"}``.
     """
     _positive_int("save_every", save_every)
@@ -495,26 +614,43 @@ def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resum
     out_dir = Path(out_dir)
     if _distributed()[0] == 0:  # the other ranks would race with its first writes
         refuse_run_dir(out_dir, resume, overwrite)
+    # The data is read (and every line checked) before anything is created or written.
+    if config.data_file:
+        if pairs is None:
+            pairs, tokenizer = load_user_data(config, tokenizer)
+        too_big = max(max(p.prompt_ids + p.response_ids) for p in pairs)
+        if too_big >= model.config.vocab_size:
+            raise ValueError(f"{config.data_file}: the tokenizer gives id {too_big}, outside the base model's "
+                             f"vocabulary of {model.config.vocab_size}: the tokenizer does not belong to this model")
+    elif tokenizer is None:
+        from prosg.data.text import BenchmarkTokenizer
+
+        tokenizer = BenchmarkTokenizer()
     run = start_run(device)
     try:
         freeze(model).to(run.device)
-        base = base_identity(model)
+        base = base_identity(model)  # of the weights as given (before a bfloat16 cast)
+        if config.precision == "bfloat16" and model.dtype != torch.bfloat16:
+            model.to_dtype(torch.bfloat16)
         # Only rank 0 writes, so only it holds the folder (the other ranks would lock it out).
         with locked(out_dir) if run.writes else contextlib.nullcontext():
             # -- the generator: fresh, or where the checkpoint left it
             state = init_or_resume(model, config, out_dir, run, resume, overwrite, base)
-            objective = _objective(state.generator, model, run)
-            data = config.data_config()
+            objective = _objective(state.generator, model, run, config)
+            data = config.data_config() if pairs is None else None
             # -- the loop
             from tqdm.auto import tqdm
 
             first = state.step
             # closed on an error too: a bar left open would run into the error line
-            with tqdm(total=config.steps, initial=first, disable=not (progress and run.writes), desc="prosg train",
+            with tqdm(total=config.steps, initial=first, disable=None if (progress and run.writes) else True, desc="prosg train",
                       dynamic_ncols=True) as bar:
                 for step in range(first, config.steps):
-                    batch = make_batch(data, config.data_seed, batch_indices(config, step, run.rank, run.world),
-                                       filler_loss=config.filler_loss).to(run.device)
+                    if pairs is not None:
+                        batch = user_batch(pairs, config, step, run.rank, run.world).to(run.device)
+                    else:
+                        batch = make_batch(data, config.data_seed, batch_indices(config, step, run.rank, run.world),
+                                           filler_loss=config.filler_loss).to(run.device)
                     record, prefix = train_step(objective, state, model, batch, lr_at(config, step), config, run,
                                                 out_dir)
                     log_and_save(record, state, model, batch, prefix, config, run, out_dir, base,
@@ -525,8 +661,14 @@ def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resum
                     if on_step is not None:
                         on_step(state.step, record)
             # -- the final generator
+            state.generator.base_identity = base
+            state.generator.tokenizer = tokenizer
             if run.writes:
+                from prosg.method.pretrained import write_config
+
                 save_checkpoint(out_dir / GENERATOR, state.generator, None, config.steps, config, base)
+                write_config(out_dir, state.generator, base, tokenizer=tokenizer, base_path=base_path,
+                             train_config=asdict(config))
         state.generator.eval()
         return {"generator": state.generator, "history": state.history, "final_step": config.steps}
     finally:
@@ -578,8 +720,9 @@ def init_or_resume(model: RecurrentLM, config: TrainConfig, out_dir: Path, run: 
     return state
 
 
-def _objective(generator: SyntheticGradientGenerator, model: RecurrentLM, run: Run) -> nn.Module:
-    objective: nn.Module = _Objective(generator, model)
+def _objective(generator: SyntheticGradientGenerator, model: RecurrentLM, run: Run,
+               config: TrainConfig | None = None) -> nn.Module:
+    objective: nn.Module = _Objective(generator, model, config)
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -623,7 +766,7 @@ def log_and_save(record: dict, state: Progress, model: RecurrentLM, batch: Batch
     (rank 0, atomically)."""
     if log_step:
         with torch.no_grad():
-            record["base_loss"] = float(response_loss(model, batch, None, prefix))
+            record["base_loss"] = float(response_loss(model, batch, None, prefix, chunk_length=config.chunk_length))
         record["elapsed_s"] = round(time.perf_counter() - state.started, 2)
         state.history.append(record)
         if run.writes:
