@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prosg.reference import channel_mix_step_ref, lowrank_linear_ref, time_mix_step_ref, wkv4_ref
+from prosg.reference import channel_mix_step_ref, lowrank_linear_ref, time_mix_step_ref, wkv4_ref, wkv7_ref
 
 #: A float32 result further than this from the float64 reference fails the check (the
 #: errors measured are ~1e-6 .. 1e-5 at these sizes; 1e-3 leaves room, a wrong kernel is
@@ -35,6 +35,18 @@ def _checks(device: str):
     ref_out, ref_state = wkv4_ref(td, tf, k, v, key_lowrank=(z, Uk))
     yield "wkv4 (low-rank key)", out, ref_out
     yield "wkv4 state", state, ref_state
+
+    # wkv7 as RWKV-7 calls it: a = -kk, b = kk * iclr with kk unit-norm per head, so the
+    # transition stays a contraction; 3 heads of 16, a real initial state.
+    NH, N = 3, 16
+    kk = torch.nn.functional.normalize(r(B, T, NH, N), dim=-1)
+    iclr = torch.rand(B, T, NH, N, generator=g).to(device)
+    r7, w7, k7, v7 = r(B, T, NH, N), r(B, T, NH, N, scale=0.5) - 0.6, r(B, T, NH, N, scale=0.3), r(B, T, NH, N)
+    s7 = r(B, NH, N, N, scale=0.3)
+    out, state7 = prosg.ops.wkv7(r7, w7, k7, v7, -kk, kk * iclr, s7)
+    ref_out, ref_state7 = wkv7_ref(r7, w7, k7, v7, -kk, kk * iclr, s7)
+    yield "wkv7", out, ref_out
+    yield "wkv7 state", state7, ref_state7
 
     def mix():
         return torch.rand(1, 1, H, generator=g).to(device)
