@@ -41,6 +41,18 @@ TORCH_LIBRARY(prosg, m) {
       "Tensor? key_z, Tensor? key_u, Tensor? value_z, Tensor? value_u, Tensor grad_out, "
       "Tensor grad_state_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // RWKV-7 recurrence (generalized delta rule) per head: with d = exp(-exp(w)),
+  // S <- S (diag(d) + a b^T) + v k^T and out = S r after each step. r, w, k, v, a, b
+  // [B,T,H,N]; state [B,H,N,N] indexed [value, key], float32 (float64 for float64
+  // inputs), none meaning zeros. Returns (out [B,T,H,N], state_out [B,H,N,N]).
+  m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? state) -> (Tensor, Tensor)");
+
+  // Gradients of wkv7 given grad_out and grad_state_out, in the order (r, w, k, v, a,
+  // b, state); the state's is an empty tensor when no state was given.
+  m.def(
+      "wkv7_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? state, "
+      "Tensor grad_out, Tensor grad_state_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // One RWKV-4 time-mix step for a batch of single tokens (decoding, inference only):
   // token-shift mixes, the key/value/receptance/output projections with optional
   // per-sample deltas (deltas = [U_k, V_k, U_v, V_v, U_r, V_r, U_o, V_o], each pair

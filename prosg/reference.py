@@ -72,6 +72,29 @@ def wkv4_ref(
     return out, torch.stack([a, b, p], 1)
 
 
+def wkv7_ref(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The RWKV-7 recurrence step by step in float64, as its definition writes it:
+    d = exp(-exp(w)); S <- S (diag(d) + a b^T) + v k^T; out = S r (after the update).
+
+    r, w, k, v, a, b: (B T H N); state: (B H N N) indexed [value i, key j], or None for
+    zeros. Returns (out (B T H N), state_out (B H N N)), both float64 and differentiable.
+    """
+    r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
+    B, T, H, N = r.shape
+    S = r.new_zeros(B, H, N, N) if state is None else state.double()
+    d = torch.exp(-torch.exp(w))
+    outs = []
+    for t in range(T):
+        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = (S * d[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+             + sa[..., :, None] * b[:, t, :, None, :])
+        outs.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+    out = torch.stack(outs, 1) if outs else r.new_zeros(B, 0, H, N)
+    return out, S
+
+
 def _lerp(x: Tensor, shift: Tensor, mix: Tensor) -> Tensor:
     return shift + mix.reshape(-1) * (x - shift)
 

@@ -27,6 +27,18 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The block's dynamic shared memory (the launch's smem bytes), 16-byte aligned. The one
+// spelling that differs between nvcc and the CPU execution of the kernels
+// (csrc/tests/cuda_emu), where `extern __shared__` has no meaning.
+#if defined(PROSG_CUDA_EMU)
+__device__ __forceinline__ void* dynamic_shared() { return cuda_emu::dynamic_shared_memory(); }
+#else
+__device__ __forceinline__ void* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char prosg_dynamic_shared[];
+  return prosg_dynamic_shared;
+}
+#endif
+
 // Returns f(T{}) with T the element type of `dtype`; float64 is CPU-only and rejected
 // by the host wrappers before any launch.
 template <typename F>

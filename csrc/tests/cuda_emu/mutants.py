@@ -1,6 +1,6 @@
 """Shows that the CPU execution of the CUDA kernels bites: plants known defects in
 copies of the real .cu files, one at a time, and checks that the emulated kernel
-suite (test_cuda_kernels) fails on each.
+suites (test_cuda_kernels, test_cuda_wkv7) fail on each.
 
     python csrc/tests/cuda_emu/mutants.py [--build-dir DIR] [--keep]
 
@@ -31,7 +31,8 @@ class Mutant:
     file: str  # relative to the repository root
     original: str  # must occur exactly once
     mutated: str
-    tests: tuple[str, ...]  # test_cuda_kernels cases expected to catch it
+    tests: tuple[str, ...]  # cases of `exe` expected to catch it
+    exe: str = "test_cuda_kernels"  # the emulated suite that runs them
 
 
 MUTANTS = (
@@ -64,6 +65,14 @@ MUTANTS = (
         "  (void)chunk_len;\n  return chunks;",
         ("wkv4_forward_every_chunk_boundary", "wkv4_backward_segment_boundaries"),
     ),
+    Mutant(
+        "skipped barrier (wkv7's column phase reads the row phase's sums before every row has written them)",
+        "csrc/wkv7/cuda/wkv7_kernels.cu",
+        "        __syncthreads();\n        // Column phase",
+        "        // Column phase",
+        ("wkv7_every_head_size",),
+        exe="test_cuda_wkv7",
+    ),
 )
 # The empty-chunk mutant also drops the launcher's own check (else it only refuses).
 _GUARD = "  if (chunks > 1 && (chunks - 1) * chunk_len >= p.seqlen) return cudaErrorInvalidValue;\n"
@@ -95,18 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS", "2")
-        build_cmd = ["cmake", "--build", str(build), "--target", "test_cuda_kernels", "--parallel", jobs]
+        exes = sorted({m.exe for m in MUTANTS})
+        build_cmd = ["cmake", "--build", str(build), "--target", *exes, "--parallel", jobs]
         for step in (configure, build_cmd):
             p = _run(step, work)
             if p.returncode != 0:
                 print(f"setup failed: {' '.join(step)}\n{_tail(p)}")
                 return 2
-        exe = build / "test_cuda_kernels"
-        cases = sorted({t for m in MUTANTS for t in m.tests})
-        p = _run([str(exe), *cases], work)
-        if p.returncode != 0:
-            print(f"the unmutated suite fails:\n{_tail(p)}")
-            return 2
+        for name in exes:
+            cases = sorted({t for m in MUTANTS if m.exe == name for t in m.tests})
+            p = _run([str(build / name), *cases], work)
+            if p.returncode != 0:
+                print(f"the unmutated suite {name} fails:\n{_tail(p)}")
+                return 2
 
         survived = []
         for m in MUTANTS:
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 if b.returncode != 0:
                     print(f"mutant '{m.name}' does not compile:\n{_tail(b)}")
                     return 2
-                r = _run([str(exe), *m.tests], work)
+                r = _run([str(build / m.exe), *m.tests], work)
                 caught = r.returncode != 0
                 first = next((ln for ln in (r.stdout + r.stderr).splitlines() if "FAILED" in ln), "")
                 print(f"{'caught  ' if caught else 'SURVIVED'} {m.name}\n         {first[:300]}")
