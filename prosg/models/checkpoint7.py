@@ -288,7 +288,9 @@ def load_fla(cls, path: str | Path, *, dtype, device):
             continue
         ours, transform = inverse[name]
         if transform == "t" and t.dim() == 2:
-            t = t.t()
+            # Contiguous: a transposed view would give GEMMs of another memory
+            # layout, hence other rounding, than the same model loaded from a .pth.
+            t = t.t().contiguous()
         state[ours] = t
     return _assign(cls, config, state, dtype, device, source, config_source=str(config_file),
                    spell=lambda k: fla_name(k)[0], unexpected_extra=unexpected)
