@@ -173,3 +173,36 @@ def random_rwkv7_model(config=None, seed: int = 0, dtype: torch.dtype = torch.fl
 def write_blinkdl7(model, path) -> None:
     """Writes ``model`` as a BlinkDL x070 ``.pth`` (what the rwkv package loads)."""
     torch.save(model.to_blinkdl_state_dict(), path)
+
+
+_RWKV_X070 = None
+
+
+def rwkv_package_x070():
+    """The ``rwkv`` package's ``RWKV_x070`` class (its CPU path, the oracle of the
+    tests and benchmarks of RWKV7LM). rwkv/model.py defines it only when
+    ``RWKV_V7_ON=1`` at import and scripts its functions unless ``RWKV_JIT_ON=0``;
+    the package may already be imported otherwise, so its file is loaded as a module
+    of its own under those settings. ImportError without the package."""
+    global _RWKV_X070
+    if _RWKV_X070 is None:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("rwkv.model")
+        if spec is None or spec.origin is None:
+            raise ImportError("the rwkv package is not installed (pip install rwkv)")
+        saved = {k: os.environ.get(k) for k in ("RWKV_V7_ON", "RWKV_JIT_ON", "RWKV_CUDA_ON")}
+        os.environ.update(RWKV_V7_ON="1", RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
+        try:
+            own = importlib.util.spec_from_file_location("_rwkv_x070_oracle", spec.origin)
+            module = importlib.util.module_from_spec(own)
+            own.loader.exec_module(module)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _RWKV_X070 = module.RWKV_x070
+    return _RWKV_X070
