@@ -96,7 +96,13 @@ class RWKV7TimeMix(nn.Module):
         """``x + (shifted - x) * x_m`` for each mix ``m`` (the rwkv package's order of
         operations, so the products round as there)."""
         xx = shifted - x
-        return [x + xx * getattr(self, m) for m in names]
+        if len(names) == 1:
+            return [x + xx * getattr(self, names[0])]
+        # One broadcast multiply and add over all mixes instead of two small kernels per
+        # mix: the decode step is dominated by per-op overhead outside the GEMVs
+        # (benchmarks/RESULTS.md). Same operations, same rounding as one by one.
+        mix = torch.stack([getattr(self, m) for m in names]).view(len(names), *([1] * (x.dim() - 1)), -1)
+        return list((x + xx * mix).unbind(0))
 
     def forward(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, v_first: Tensor | None,
                 delta: dict[str, LowRank], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
