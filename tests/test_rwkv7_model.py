@@ -331,3 +331,47 @@ def test_bad_arguments_name_themselves(model):
         RWKV7State(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), torch.zeros(3, 2, 2, 32, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="unknown module name"):
         model.has_delta_input("blocks.0.feed_forward.receptance")
+
+
+def test_empty_batch_learned_state_and_chunked_gradients(model):
+    out, state = model(torch.zeros(0, 3, dtype=torch.long))
+    assert out.shape == (0, 3, 301) and state.wkv.shape == (3, 0, 2, 32, 32)
+    # A learned initial state gets gradients, through every tensor of it.
+    s0 = model.zero_state(2)
+    for t in (s0.att_shift, s0.ffn_shift, s0.wkv):
+        t.requires_grad_(True)
+    ids = ids_(2, 4)
+    logits, _ = model(ids, state=s0)
+    logits.square().mean().backward()
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        assert getattr(s0, name).grad.abs().sum() > 0, name
+    # Gradients of a second chunk reach a delta through the carried state.
+    delta = random_delta(model, batch=2, rank=2, requires_grad=True)
+    _, mid = model(ids, delta=delta)
+    second, _ = model(ids, state=mid, delta=delta)
+    second.square().mean().backward()
+    assert all(u.grad is not None and u.grad.abs().sum() > 0 for u, _ in delta.factors.values())
+
+
+def test_generator_targets_are_the_models_own(model):
+    from prosg.method.generator import resolve_targets
+
+    shapes = model.delta_shapes()
+    assert len(resolve_targets(("blocks.*.feed_forward.*",), shapes)) == 2 * 3
+    with pytest.raises(ValueError, match=r"matches no module.*feed_forward.\{key,value\}"):
+        resolve_targets(("blocks.0.feed_forward.receptance",), shapes)
+
+
+def test_fla_config_refusals():
+    base = {"model_type": "rwkv7", "hidden_size": 64, "head_dim": 32, "num_hidden_layers": 1}
+    for extra, match in (({"attn": {"layers": [0], "num_heads": 2}}, "hybrid"), ({"norm_bias": False}, "norm_bias"),
+                         ({"hidden_act": "gelu"}, "hidden_act"), ({"head_dim": 48}, "head_size")):
+        with pytest.raises(ValueError, match=match):
+            RWKV7Config.from_dict({**base, **extra})
+
+
+def test_blinkdl_shape_override_clash(model, tmp_path):
+    write_blinkdl7(model, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="hidden_size=128 was given, but the tensors say 64"):
+        RWKV7LM.from_blinkdl(tmp_path / "m.pth", hidden_size=128)
+    assert RWKV7LM.from_blinkdl(tmp_path / "m.pth", layer_norm_epsilon=1e-6).config.layer_norm_epsilon == 1e-6
