@@ -375,3 +375,12 @@ def test_blinkdl_shape_override_clash(model, tmp_path):
     with pytest.raises(ValueError, match="hidden_size=128 was given, but the tensors say 64"):
         RWKV7LM.from_blinkdl(tmp_path / "m.pth", hidden_size=128)
     assert RWKV7LM.from_blinkdl(tmp_path / "m.pth", layer_norm_epsilon=1e-6).config.layer_norm_epsilon == 1e-6
+
+
+def test_cli_loads_an_fla_rwkv7_base(model, tmp_path):
+    from prosg.method.cli import _load_base
+
+    model.save_pretrained(tmp_path)
+    loaded, data_config = _load_base(str(tmp_path))
+    assert isinstance(loaded, RWKV7LM) and data_config is None
+    torch.testing.assert_close(loaded.head.weight, model.head.weight, rtol=0, atol=0)
