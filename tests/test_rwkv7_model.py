@@ -384,3 +384,24 @@ def test_cli_loads_an_fla_rwkv7_base(model, tmp_path):
     loaded, data_config = _load_base(str(tmp_path))
     assert isinstance(loaded, RWKV7LM) and data_config is None
     torch.testing.assert_close(loaded.head.weight, model.head.weight, rtol=0, atol=0)
+
+
+def test_fla_reads_our_layout(model, tmp_path):
+    """fla's own RWKV7ForCausalLM loads what save_pretrained writes: the same key set,
+    shapes and values, with nothing missing or left over (fla is not a dependency: the
+    test runs where it is importable; its forward needs triton on a GPU, so only the
+    layout is compared here). Run 2026-12-01 with fla 0.6.0: passed."""
+    pytest.importorskip("fla.models.rwkv7", reason="flash-linear-attention is not installed")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fla.models.rwkv7 import RWKV7ForCausalLM
+
+        m = random_rwkv7_model(hidden_size=128, head_size=64, num_hidden_layers=2)
+        m.save_pretrained(tmp_path)
+        theirs = RWKV7ForCausalLM.from_pretrained(tmp_path).state_dict()
+    ours = load_file(str(tmp_path / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    for key, value in ours.items():
+        torch.testing.assert_close(theirs[key].float(), value.float(), rtol=0, atol=0, msg=key)
