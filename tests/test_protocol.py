@@ -4,8 +4,8 @@ use a model only through it.
 ``ProtocolOnly`` wraps a model and exposes the protocol's members (plus the few
 ``nn.Module`` basics the method needs: parameters, state_dict, train/eval) and nothing
 else: reaching for a model's modules (``model.blocks``, ``model.head``) or private
-helpers fails the test. Everything the method does on an RWKV-4 model is run through
-it and must give the results of the bare model.
+helpers fails the test. Everything the method does on an RWKV-4 and an RWKV-7 model is
+run through it and must give the results of the bare model.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from prosg.data import MultiStageConfig, benchmark_tokenizer, generate_examples
 from prosg.method.evaluation import evaluate, generate_responses
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
 from prosg.method.train import TrainConfig, make_batch, prefix_state, response_loss, train
-from prosg.models import RWKV4LM, RWKV4State
+from prosg.models import RWKV4LM, RWKV4State, RWKV7LM, RWKV7State
 from prosg.models.generation import generate, stream_generate
 from prosg.models.protocol import LayerInputs, RecurrentLM, RecurrentState
-from prosg.models.testing import random_delta, random_model
+from prosg.models.testing import random_delta, random_model, random_rwkv7_model
 
 TOK = benchmark_tokenizer()
 DATA = dict(stage_length=5, ramble_length=5, min_stages=2, max_stages=3, num_letters=6)
@@ -53,6 +53,34 @@ class ProtocolOnly:
         return self._model(*args, **kwargs)
 
 
+#: Small random models of every architecture, ``builder(**shape) -> model``; the tests
+#: below run for each.
+BUILDERS = {
+    "rwkv4": lambda **kw: random_model(vocab_size=TOK.vocab_size, **kw),
+    "rwkv7": lambda hidden_size=32, num_hidden_layers=3, intermediate_size=None: random_rwkv7_model(
+        vocab_size=TOK.vocab_size, hidden_size=hidden_size, head_size=16, num_hidden_layers=num_hidden_layers,
+        intermediate_size=intermediate_size or 2 * hidden_size),
+}
+SHAPES = {"rwkv4": dict(hidden_size=24, num_hidden_layers=2, intermediate_size=40),
+          "rwkv7": dict(hidden_size=32, num_hidden_layers=2, intermediate_size=40)}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def arch(request) -> str:
+    return request.param
+
+
+def test_rwkv7_implements_the_protocol():
+    model = BUILDERS["rwkv7"]()
+    assert isinstance(model, RecurrentLM)
+    assert isinstance(ProtocolOnly(model), RecurrentLM)
+    assert isinstance(model.zero_state(2), RecurrentState)
+    for name in PROTOCOL - {"config", "__call__"}:
+        assert callable(getattr(RWKV7LM, name, None)) or isinstance(getattr(RWKV7LM, name), property), name
+    for name in ("batch_size", "detach", "index_select", "index_copy_"):
+        assert hasattr(RWKV7State, name), name
+
+
 # The protocol's own methods must be visible to isinstance, or the generator's model
 # check would let anything through.
 def test_rwkv4_implements_the_protocol():
@@ -74,8 +102,8 @@ def test_generator_refuses_a_non_model():
         gen(torch.nn.Linear(2, 2), torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_zero_state_is_the_state_none_means():
-    model = random_model(vocab_size=TOK.vocab_size)
+def test_zero_state_is_the_state_none_means(arch):
+    model = BUILDERS[arch]()
     ids = torch.randint(0, TOK.vocab_size, (3, 4), generator=torch.Generator().manual_seed(0))
     a, sa = model(ids)
     b, sb = model(ids, state=model.zero_state(3))
@@ -85,10 +113,10 @@ def test_zero_state_is_the_state_none_means():
         model.zero_state(-1)
 
 
-def test_layer_inputs_and_delta_inputs_are_the_forwards_own():
+def test_layer_inputs_and_delta_inputs_are_the_forwards_own(arch):
     """``layer_inputs`` at the last position are the token-shift state the forward
     returns; ``delta_input`` of a matrix fed to it gives that matrix's output."""
-    model = random_model(vocab_size=TOK.vocab_size)
+    model = BUILDERS[arch]()
     ids = torch.randint(0, TOK.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     inputs = model.layer_inputs(ids)
     assert isinstance(inputs, LayerInputs) and len(inputs.attention) == model.config.num_hidden_layers
@@ -105,11 +133,11 @@ def test_layer_inputs_and_delta_inputs_are_the_forwards_own():
     assert model.writes_residual("blocks.0.attention.output") and not model.writes_residual("blocks.0.attention.key")
 
 
-def test_the_method_runs_through_the_protocol_alone(tmp_path):
+def test_the_method_runs_through_the_protocol_alone(tmp_path, arch):
     """Generation, the generator, the training loss and loop, and the evaluation see
     the model only through the protocol, and compute what they compute on the bare
     model."""
-    model = random_model(vocab_size=TOK.vocab_size, hidden_size=24, num_hidden_layers=2, intermediate_size=40)
+    model = BUILDERS[arch](**SHAPES[arch])
     seen = ProtocolOnly(model)
     ids = torch.randint(0, TOK.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
     delta = random_delta(model, batch=3, rank=2)

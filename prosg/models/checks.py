@@ -29,3 +29,29 @@ def check_count(value, what: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{what} must be an int >= {minimum}, got {value}")
     return value
+
+
+def check_input_ids(input_ids, vocab_size: int, device: torch.device) -> None:
+    """``[B, T]`` int64/int32 token ids in ``[0, vocab_size)`` on ``device``, ``T >= 1``
+    (RWKV4LM's checks, in its words)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor [B, T], got {type(input_ids)}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per sample (T >= 1), got T = 0")
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    if input_ids.numel() == 0:  # B = 0: aminmax refuses empty tensors
+        return
+    # One reduction (one host sync on CUDA) per call: F.embedding's own error names
+    # neither the tensor nor the value.
+    lo, hi = torch.aminmax(input_ids)
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if lo < 0 or hi >= vocab_size:
+        bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
+        raise ValueError(f"input_ids must be token ids in [0, {vocab_size}) (the model's vocab_size), got values in "
+                         f"[{lo}, {hi}]; first bad: input_ids[{bad[0]}, {bad[1]}] = "
+                         f"{int(input_ids[bad[0], bad[1]])}")

@@ -1,4 +1,4 @@
-"""The recurrent state of an RWKV-4 model and the per-sample low-rank weight deltas.
+"""The recurrent states of the RWKV-4 and RWKV-7 models and the per-sample low-rank weight deltas.
 
 Both are plain tensors in dataclasses, so they move with ``.to()``, can be detached,
 indexed by sample and saved with ``torch.save``. The model checks them on entry.
@@ -138,6 +138,105 @@ class RWKV4State:
 
 
 @dataclass
+class RWKV7State:
+    """Recurrent state of every layer of an RWKV-7 model after the last token seen.
+
+    Attributes:
+        att_shift: ``[L, B, H]``: the time-mix input (``ln1`` output) of the last token
+            (the "previous token" of the next token shift). Activation dtype.
+        ffn_shift: ``[L, B, H]``: the channel-mix input (``ln2`` output) of the last token.
+        wkv: ``[L, B, heads, N, N]``: the generalized-delta-rule state of every head,
+            indexed ``[value i, key j]`` as :func:`prosg.ops.wkv7` and the ``rwkv``
+            package keep it; float32 (float64 for a float64 model).
+
+    RWKV-7's value residual (``v_first``, layer 0's value) is per token, not state.
+    Passing the state returned by ``model(ids_a)`` to ``model(ids_b, state=...)``
+    gives the logits of ``model(cat(ids_a, ids_b))`` for ``ids_b``.
+
+    Construction checks what a state can check alone (tensors, floating point, the
+    number of dimensions, a float32/float64 WKV state, square heads, one device); the
+    model checks the sizes against its config.
+    """
+
+    att_shift: Tensor
+    ffn_shift: Tensor
+    wkv: Tensor
+
+    def __post_init__(self) -> None:
+        for name, dims, layout in (("att_shift", 3, "[L, B, H]"), ("ffn_shift", 3, "[L, B, H]"),
+                                   ("wkv", 5, "[L, B, heads, N, N]")):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"RWKV7State.{name} must be a Tensor {layout}, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"RWKV7State.{name} must be a floating-point tensor {layout}, got {t.dtype}")
+            if t.dim() != dims:
+                raise ValueError(f"RWKV7State.{name} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+        if self.wkv.shape[3] != self.wkv.shape[4]:
+            raise ValueError(f"RWKV7State.wkv must be [L, B, heads, N, N] (square per head), "
+                             f"got shape {list(self.wkv.shape)}")
+        if self.wkv.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"RWKV7State.wkv must be float32 (float64 for a float64 model), got {self.wkv.dtype}")
+        devices = {n: getattr(self, n).device for n in ("att_shift", "ffn_shift", "wkv")}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"RWKV7State: all tensors must be on one device, got "
+                             f"{', '.join(f'{n} on {d}' for n, d in devices.items())}")
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch: int, hidden_size: int, num_heads: int, head_size: int, *,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "RWKV7State":
+        """The state before any token: all zeros."""
+        shift = torch.zeros(num_layers, batch, hidden_size, dtype=dtype, device=device)
+        wkv = torch.zeros(num_layers, batch, num_heads, head_size, head_size, dtype=accumulation_dtype(dtype),
+                          device=device)
+        return cls(shift, shift.clone(), wkv)
+
+    @property
+    def num_layers(self) -> int:
+        return self.att_shift.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.att_shift.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.att_shift.device
+
+    def to(self, *args, **kwargs) -> "RWKV7State":
+        """Moves every tensor like ``Tensor.to``. A dtype given applies to the shift
+        vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
+        shift_a = self.att_shift.to(*args, **kwargs)
+        shift_f = self.ffn_shift.to(*args, **kwargs)
+        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else accumulation_dtype(shift_a.dtype)
+        wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
+        return RWKV7State(shift_a, shift_f, wkv)
+
+    def detach(self) -> "RWKV7State":
+        return RWKV7State(self.att_shift.detach(), self.ffn_shift.detach(), self.wkv.detach())
+
+    def clone(self) -> "RWKV7State":
+        return RWKV7State(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
+
+    def index_select(self, index: Tensor | list[int]) -> "RWKV7State":
+        """The state of the samples ``index`` (in that order; repeats allowed)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return RWKV7State(self.att_shift.index_select(1, idx), self.ffn_shift.index_select(1, idx),
+                          self.wkv.index_select(1, idx))
+
+    def index_copy_(self, index: Tensor, source: "RWKV7State") -> "RWKV7State":
+        """Writes ``source``'s samples into rows ``index`` of this state, in place."""
+        for name in ("att_shift", "ffn_shift", "wkv"):
+            getattr(self, name).index_copy_(1, index, getattr(source, name))
+        return self
+
+    def repeat(self, n: int) -> "RWKV7State":
+        """Each sample repeated ``n`` times in place (``repeat_interleave``)."""
+        return RWKV7State(self.att_shift.repeat_interleave(n, 1), self.ffn_shift.repeat_interleave(n, 1),
+                          self.wkv.repeat_interleave(n, 1))
+
+
+@dataclass
 class Delta:
     """Per-sample low-rank modifications of the model's projection matrices.
 
@@ -189,11 +288,21 @@ class Delta:
         return [t for uv in self.factors.values() for t in uv]
 
 
-def parse_delta_name(name: str) -> tuple[int, str, str]:
+def parse_delta_name(name: str, kinds: Mapping[str, tuple[str, ...]] | None = None) -> tuple[int, str, str]:
     """``'blocks.3.attention.key'`` -> ``(3, 'attention', 'key')``. A ``rwkv.`` prefix
-    and a ``.weight`` suffix (state-dict spelling) are accepted."""
+    and a ``.weight`` suffix (state-dict spelling) are accepted.
+
+    ``kinds`` (``{part: (kind, ...)}``) is the model's own set of matrices per part
+    (RWKV-7's feed-forward has no receptance); None means RWKV-4's
+    (:data:`ATTENTION_KINDS`, :data:`FEED_FORWARD_KINDS`). An unknown name is refused
+    with a message listing the valid ones."""
     bare = name.removeprefix("rwkv.").removesuffix(".weight")
     m = _NAME.match(bare)
+    if kinds is not None:
+        if m is None or m.group(2) not in kinds or m.group(3) not in kinds[m.group(2)]:
+            valid = " or ".join(f"blocks.<i>.{part}.{{{','.join(ks)}}}" for part, ks in kinds.items())
+            raise ValueError(f"delta: unknown module name {name!r}; expected {valid}")
+        return int(m.group(1)), m.group(2), m.group(3)
     kinds = {"attention": ATTENTION_KINDS, "feed_forward": FEED_FORWARD_KINDS}
     if m is None or m.group(3) not in kinds[m.group(2)]:
         raise ValueError(
