@@ -170,3 +170,20 @@ def test_the_method_runs_through_the_protocol_alone(tmp_path, arch):
     train(seen, cfg, tmp_path, progress=False, save_every=1000)
     assert {"start_decoding", "decode", "layer_inputs", "delta_input", "delta_shapes", "zero_state",
             "output_embeddings", "__call__"} <= seen.used
+
+
+@pytest.mark.parametrize("build", ["rwkv4", "rwkv7"])
+def test_load_model_picks_the_class_from_config_json(tmp_path, build):
+    """``prosg.models.loading.load_model`` (what ``--base DIR``, the pipeline and
+    ``prosg generate`` use) returns the architecture a directory holds, with its
+    weights."""
+    from prosg.models.loading import load_model
+    from prosg.models.testing import random_rwkv7_model
+
+    model = random_model(vocab_size=TOK.vocab_size) if build == "rwkv4" else random_rwkv7_model()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded) is type(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)

@@ -67,23 +67,14 @@ def _load_base(path: str | None):
     unknown): a directory written by ``prosg pretrain`` (or any transformers-layout
     RWKV-4 checkpoint, or an fla-layout RWKV-7 one: ``model_type`` ``rwkv7`` in its
     config.json), or (None) the tiny base model bundled with prosg."""
-    from prosg.models import RWKV4LM, RWKV7LM
+    from prosg.models.loading import load_model
 
     try:
         from prosg.method.pretrain import TRAIN_CONFIG_FILE, load_base_model
     except ImportError:
         load_base_model, TRAIN_CONFIG_FILE = None, None
     if path and (load_base_model is None or not (Path(path) / TRAIN_CONFIG_FILE).is_file()):
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--base {path}: no such model directory")
-        model_type = None
-        try:
-            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            pass  # RWKV4LM.from_pretrained names the problem with the file
-        if model_type in ("rwkv7", "rwkv7_fla"):
-            return RWKV7LM.from_pretrained(path), None
-        return RWKV4LM.from_pretrained(path), None
+        return load_model(path), None  # the class from config.json's model_type
     if load_base_model is None:
         raise CLIError("no --base given and the bundled base model is not available in this install", 1)
     return load_base_model(path)

@@ -2,7 +2,8 @@
 :class:`prosg.models.protocol.RecurrentLM`.
 
 ``config.json``'s ``model_type`` picks the class from :data:`ARCHITECTURES` (``"rwkv"``:
-transformers' RWKV-4 layout, :class:`prosg.models.RWKV4LM`); another architecture
+transformers' RWKV-4 layout, :class:`prosg.models.RWKV4LM`; ``"rwkv7"``: fla's RWKV-7
+layout, :class:`prosg.models.RWKV7LM`); another architecture
 registers itself with :func:`register_architecture` (a class with
 ``from_pretrained(path, dtype=, device=)``), and the pipeline, ``prosg generate`` and
 training then load it without naming it.
@@ -17,7 +18,12 @@ from pathlib import Path
 import torch
 
 #: model_type -> "module:Class" (imported when first used).
-ARCHITECTURES: dict[str, str] = {"rwkv": "prosg.models.rwkv4:RWKV4LM"}
+ARCHITECTURES: dict[str, str] = {
+    "rwkv": "prosg.models.rwkv4:RWKV4LM",
+    # flash-linear-attention's RWKV7ForCausalLM layout (docs/rwkv7.md)
+    "rwkv7": "prosg.models.rwkv7:RWKV7LM",
+    "rwkv7_fla": "prosg.models.rwkv7:RWKV7LM",
+}
 
 
 def register_architecture(model_type: str, target: str | type) -> None:
