@@ -127,7 +127,7 @@ def test_delta_inputs_are_what_the_matrices_see(model, monkeypatch):
     """``delta_input`` of each matrix equals the input the forward passes it (recorded
     at the projection itself)."""
     seen: dict[int, torch.Tensor] = {}
-    real = rwkv7_module._project
+    real = rwkv7_module.project
 
     def spy(x, weight, uv, scale):
         seen[id(weight)] = x.detach().clone()
@@ -135,7 +135,7 @@ def test_delta_inputs_are_what_the_matrices_see(model, monkeypatch):
 
     ids = ids_(2, 6)
     inputs = model.layer_inputs(ids)
-    monkeypatch.setattr(rwkv7_module, "_project", spy)
+    monkeypatch.setattr(rwkv7_module, "project", spy)
     with torch.no_grad():
         model(ids)
     params = dict(model.named_parameters())

@@ -16,33 +16,25 @@ delta goes through ``prosg.ops.lowrank_linear``; no per-sample weight is ever fo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prosg.models.checks import check_count, check_model_dtype
+from prosg.models.checks import check_count
+from prosg.models.common import RWKVLanguageModel, project, token_shift
 from prosg.models.config import RWKV4Config
 from prosg.models.protocol import LayerInputs
-from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, Delta, RWKV4State, parse_delta_name
+from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, RWKV4State, parse_delta_name
 from prosg.numerics import EMPTY_MAX, accumulation_dtype
-from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
+from prosg.ops import rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4
 
 LowRank = tuple[Tensor, Tensor]
 
 def _wkv(time_decay: Tensor, time_first: Tensor, key: Tensor, value: Tensor, state: Tensor | None,
          key_lowrank: LowRank | None, value_lowrank: LowRank | None) -> tuple[Tensor, Tensor]:
     return wkv4(time_decay, time_first, key, value, state, key_lowrank, value_lowrank)
-
-
-def _project(x: Tensor, weight: Tensor, uv: LowRank | None, scale: float) -> Tensor:
-    """``x @ W^T``, plus ``scale * (x @ V_b) @ U_b^T`` when the module carries a delta."""
-    if uv is None:
-        return F.linear(x, weight)
-    return lowrank_linear(x, weight, None, uv[0], uv[1], scale)
 
 
 def _fused_factor(x: Tensor, uv: LowRank | None, scale: float) -> LowRank | None:
@@ -67,23 +59,6 @@ def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *states
     return not (x.requires_grad or any(p.requires_grad for p in module.parameters())
                 or any(t.requires_grad for uv in delta.values() for t in uv)
                 or any(s is not None and s.requires_grad for s in states))
-
-
-def _batch_hint(t: Tensor, batch: int) -> str:
-    if t.dim() == 3 and t.shape[0] != batch:
-        return f" (batch size {t.shape[0]}, but input_ids has batch size {batch})"
-    return ""
-
-
-def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
-    """The previous token's vector at every position: ``[prev, x_0, ..., x_{T-2}]``
-    (zeros before the first token of a sequence without state). A single token
-    (``x`` of ``[B, H]``) needs no copy at all."""
-    if x.dim() == 2:
-        return prev if prev is not None else torch.zeros_like(x)
-    if prev is None:
-        return F.pad(x[:, :-1], (0, 0, 1, 0))
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], 1)
 
 
 class RWKV4TimeMix(nn.Module):
@@ -125,7 +100,7 @@ class RWKV4TimeMix(nn.Module):
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))
         key = F.linear(xk, self.key.weight)
         value = F.linear(xv, self.value.weight)
-        receptance = torch.sigmoid(_project(xr, self.receptance.weight, delta.get("receptance"), scale))
+        receptance = torch.sigmoid(project(xr, self.receptance.weight, delta.get("receptance"), scale))
         single = x.dim() == 2
         if single:
             key, value = key.unsqueeze(1), value.unsqueeze(1)
@@ -133,7 +108,7 @@ class RWKV4TimeMix(nn.Module):
                               _fused_factor(xk, delta.get("key"), scale), _fused_factor(xv, delta.get("value"), scale))
         if single:
             out = out.squeeze(1)
-        out = _project(receptance * out, self.output.weight, delta.get("output"), scale)
+        out = project(receptance * out, self.output.weight, delta.get("output"), scale)
         return out, (x if single else x[:, -1]), wkv_state
 
 
@@ -162,9 +137,9 @@ class RWKV4ChannelMix(nn.Module):
         shifted = token_shift(x, prev)
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))
-        key = torch.square(torch.relu(_project(xk, self.key.weight, delta.get("key"), scale)))
-        value = _project(key, self.value.weight, delta.get("value"), scale)
-        receptance = torch.sigmoid(_project(xr, self.receptance.weight, delta.get("receptance"), scale))
+        key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))
+        value = project(key, self.value.weight, delta.get("value"), scale)
+        receptance = torch.sigmoid(project(xr, self.receptance.weight, delta.get("receptance"), scale))
         return receptance * value, (x if x.dim() == 2 else x[:, -1])
 
 
@@ -181,16 +156,7 @@ class RWKV4Block(nn.Module):
         self.feed_forward = RWKV4ChannelMix(config, layer_id)
 
 
-@dataclass
-class _Carried:
-    """What generation carries between tokens: the state as per-layer lists
-    (``att_shift``, ``ffn_shift``, ``wkv``) and the delta sorted by layer."""
-
-    layers: tuple[list, list, list] | None
-    deltas: tuple[list[dict], list[dict], float] | None
-
-
-class RWKV4LM(nn.Module):
+class RWKV4LM(RWKVLanguageModel):
     """RWKV-4 causal language model: ``model(input_ids, state, delta) -> (logits, state)``.
 
     Load weights with :meth:`from_pretrained` (a transformers checkpoint directory) or
@@ -212,6 +178,11 @@ class RWKV4LM(nn.Module):
     unit-scale logits (measured max 0.05 on a 4-layer model; tests/test_model.py).
     """
 
+    STATE = RWKV4State
+    DELTA_KINDS = None  # RWKV-4's (parse_delta_name's default and its messages)
+    # transformers' _keep_in_fp32_modules: exp(-exp(w)) is too sensitive for 8 mantissa bits
+    FLOAT32_PARAMETERS = ("time_decay", "time_first")
+
     def __init__(self, config: RWKV4Config, *, init: bool = True):
         super().__init__()
         self.config = config
@@ -223,29 +194,6 @@ class RWKV4LM(nn.Module):
             self.head.weight = self.embeddings.weight
         if init:
             self.reset_parameters()
-
-    # ------------------------------------------------------------------ basics
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype (that of the embedding)."""
-        return self.embeddings.weight.dtype
-
-    def to_dtype(self, dtype: torch.dtype) -> "RWKV4LM":
-        """Casts the model to ``dtype`` keeping ``time_decay`` and ``time_first`` in
-        float32 for 16-bit dtypes (transformers' ``_keep_in_fp32_modules``): the decay
-        ``exp(-exp(w))`` is too sensitive for 8 mantissa bits. ``model.to(dtype)``
-        casts everything."""
-        check_model_dtype(dtype, "to_dtype: dtype")
-        keep = dtype in (torch.float16, torch.bfloat16)
-        for name, p in self.named_parameters():
-            target = torch.float32 if keep and name.rsplit(".", 1)[-1] in ("time_decay", "time_first") else dtype
-            p.data = p.data.to(target)
-        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -301,37 +249,6 @@ class RWKV4LM(nn.Module):
     # ------------------------------------------------------------------ what the method reads
     # (prosg.models.protocol.RecurrentLM: the generator depends on these, not on the modules)
 
-    @torch.no_grad()
-    def layer_inputs(self, input_ids: Tensor) -> LayerInputs:
-        """Every block's ``ln1`` / ``ln2`` outputs and ``ln_out``'s, ``[B, T, H]``
-        each, over ``input_ids`` from the empty state (base weights). Collected with
-        forward hooks, so the forward is the one :meth:`forward` runs."""
-        ln1: dict[int, Tensor] = {}
-        ln2: dict[int, Tensor] = {}
-        final: list[Tensor] = []
-
-        def keep(store, key):
-            def hook(_module, _inputs, output):
-                store[key] = output
-            return hook
-
-        handles = []
-        try:
-            for i, block in enumerate(self.blocks):
-                handles.append(block.ln1.register_forward_hook(keep(ln1, i)))
-                handles.append(block.ln2.register_forward_hook(keep(ln2, i)))
-            handles.append(self.ln_out.register_forward_hook(lambda _m, _i, o: final.append(o)))
-            self(input_ids)
-        finally:
-            for h in handles:
-                h.remove()
-
-        def as3(t: Tensor) -> Tensor:  # a one-token input runs on [B, H] tensors
-            return t.unsqueeze(1) if t.dim() == 2 else t
-
-        L = len(self.blocks)
-        return LayerInputs([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], as3(final[-1]))
-
     def has_delta_input(self, name: str) -> bool:
         """Every matrix but ``attention.output``, whose input (receptance * WKV) needs
         the recurrence itself."""
@@ -354,39 +271,7 @@ class RWKV4LM(nn.Module):
             return torch.square(torch.relu(F.linear(xk, module.key.weight)))
         return torch.lerp(shifted, a, getattr(module, f"time_mix_{kind}").view(-1))
 
-    def writes_residual(self, name: str) -> bool:
-        _, part, kind = parse_delta_name(name)
-        return (part, kind) in (("attention", "output"), ("feed_forward", "value"))
-
-    def output_embeddings(self) -> Tensor:
-        return self.head.weight
-
     # ------------------------------------------------------------------ checks
-
-    def _check_input_ids(self, input_ids: Tensor) -> None:
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a LongTensor [B, T], got {type(input_ids)}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token per sample (T >= 1), got T = 0")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
-        # One reduction (one host sync on CUDA) per call, not per token: F.embedding's
-        # own error names neither the tensor nor the value, and on CUDA it is a
-        # device-side assert that ruins the context.
-        if input_ids.numel() == 0:  # B = 0: aminmax refuses empty tensors
-            return
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = torch.stack([lo, hi]).tolist()
-        V = self.config.vocab_size
-        if lo < 0 or hi >= V:
-            bad = ((input_ids < 0) | (input_ids >= V)).nonzero()[0].tolist()
-            raise ValueError(f"input_ids must be token ids in [0, {V}) (the model's vocab_size), got values in "
-                             f"[{lo}, {hi}]; first bad: input_ids[{bad[0]}, {bad[1]}] = "
-                             f"{int(input_ids[bad[0], bad[1]])}")
 
     def _check_state(self, state: RWKV4State | None, batch: int) -> tuple[list, list, list] | None:
         """Validates a state and splits it into per-layer lists. Shift vectors of
@@ -423,93 +308,7 @@ class RWKV4LM(nn.Module):
         return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
                 list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
 
-    def _resolve_delta(self, delta: Delta | dict | None,
-                       batch: int) -> tuple[list[dict], list[dict], float] | None:
-        """Validates a delta and sorts its factors by layer: ``(attention deltas per
-        layer, feed-forward deltas per layer, scale)``, or None for no delta."""
-        delta = Delta.coerce(delta)
-        if delta is None or not delta.factors:
-            return None
-        if isinstance(delta.scale, bool) or not isinstance(delta.scale, (int, float)):
-            raise TypeError(f"delta.scale must be a float, got {type(delta.scale)}")
-        if not math.isfinite(delta.scale):
-            raise ValueError(f"delta.scale must be finite, got {delta.scale}")
-        L = self.config.num_hidden_layers
-        per_layer: dict[str, list[dict]] = {"attention": [{} for _ in range(L)],
-                                             "feed_forward": [{} for _ in range(L)]}
-        act = self.dtype
-        for name, uv in delta.factors.items():
-            layer, part, kind = parse_delta_name(name)
-            if layer >= L:
-                raise ValueError(f"delta: module {name!r} refers to block {layer}, but the model has {L} blocks")
-            if not isinstance(uv, (tuple, list)) or len(uv) != 2 or not all(isinstance(t, Tensor) for t in uv):
-                raise TypeError(f"delta[{name!r}] must be a pair of tensors (U [B, Dout, r], V [B, Din, r])")
-            U, V = uv
-            d_out, d_in = getattr(getattr(self.blocks[layer], part), kind).weight.shape
-            r = U.shape[-1] if U.dim() == 3 else -1
-            # B is input_ids' batch size: one delta per sample, no broadcasting.
-            if U.dim() != 3 or tuple(U.shape) != (batch, d_out, r):
-                raise ValueError(f"delta[{name!r}]: U must have shape [B={batch}, Dout={d_out}, r], "
-                                 f"got {list(U.shape)}{_batch_hint(U, batch)}")
-            if tuple(V.shape) != (batch, d_in, r):
-                raise ValueError(f"delta[{name!r}]: V must have shape [B={batch}, Din={d_in}, r={r}], "
-                                 f"got {list(V.shape)}{_batch_hint(V, batch)}")
-            for which, t in (("U", U), ("V", V)):
-                if not t.is_floating_point():
-                    raise ValueError(f"delta[{name!r}]: {which} must be floating point, got {t.dtype}")
-                if t.device != self.device:
-                    raise ValueError(f"delta[{name!r}]: {which} is on {t.device} but the model is on {self.device}")
-            target = per_layer[part][layer]
-            if kind in target:
-                raise ValueError(f"delta: module {name!r} is given twice (under two spellings)")
-            if r == 0:
-                continue  # a rank-0 delta is no change at all
-            # The kernels want the factors in the activation dtype; the cast is
-            # differentiable, so gradients still reach float32 factors.
-            target[kind] = (U.to(act), V.to(act))
-        return per_layer["attention"], per_layer["feed_forward"], float(delta.scale)
-
     # ------------------------------------------------------------------ forward
-
-    def forward(self, input_ids: Tensor, state: RWKV4State | None = None, delta: Delta | dict | None = None,
-                *, logits_to_keep: int = 0) -> tuple[Tensor, RWKV4State]:
-        """Runs ``input_ids [B, T]`` after ``state`` (None: start of sequence).
-
-        Args:
-            input_ids: ``[B, T]`` token ids, ``T >= 1``.
-            state: the :class:`RWKV4State` returned by an earlier call; the sequence
-                continues from it exactly.
-            delta: per-sample weight deltas (:class:`Delta` or ``{name: (U, V)}``) with
-                batch ``B``; the result equals running sample ``b`` with the weights
-                ``W + scale * U_b V_b^T``.
-            logits_to_keep: an int ``>= 0``. 0 returns the logits of every position;
-                ``n > 0`` only those of the last ``min(n, T)`` (what generation needs:
-                the head over a large vocabulary dominates a long prefill otherwise).
-                Negative values are refused (a slice ``-n:`` would silently drop the
-                first ``n`` positions instead).
-
-        Returns:
-            ``(logits [B, T or n, vocab], state after the last token)``.
-        """
-        logits_to_keep = check_count(logits_to_keep, "logits_to_keep")
-        self._check_input_ids(input_ids)
-        batch = input_ids.shape[0]
-        layers = self._check_state(state, batch)
-        deltas = self._resolve_delta(delta, batch)
-        logits, (att, ffn, wkv) = self._forward(input_ids, layers, deltas, logits_to_keep)
-        return logits, RWKV4State(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
-
-    def start_decoding(self, input_ids: Tensor, state: RWKV4State | None,
-                       delta: Delta | dict | None) -> "_Carried":
-        """Checks the arguments of a generation once; :meth:`decode` then steps
-        without re-checking (per token, the checks would cost more than the step)."""
-        self._check_input_ids(input_ids)
-        batch = input_ids.shape[0]
-        return _Carried(self._check_state(state, batch), self._resolve_delta(delta, batch))
-
-    def decode(self, input_ids: Tensor, carried: "_Carried", *, logits_to_keep: int = 0) -> tuple[Tensor, "_Carried"]:
-        logits, layers = self._forward(input_ids, carried.layers, carried.deltas, logits_to_keep)
-        return logits, _Carried(layers, carried.deltas)
 
     def _forward(self, input_ids: Tensor, layers: tuple[list, list, list] | None,
                  deltas: tuple[list[dict], list[dict], float] | None,
@@ -555,46 +354,6 @@ class RWKV4LM(nn.Module):
         if single:
             logits = logits.unsqueeze(1)
         return logits, (new_att, new_ffn, new_wkv)
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(self, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-                 state: RWKV4State | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 stop_tokens: int | list[int] | Tensor | None = None) -> Tensor:
-        """Generates ``max_new_tokens`` tokens after ``input_ids`` for the whole batch.
-
-        Returns ``[B, T + max_new_tokens]`` ids, the prompt included (as transformers'
-        ``generate``). Greedy unless ``do_sample``; sampling applies temperature, then
-        top-k, then top-p (transformers' order and semantics). A sample that emits one of
-        ``stop_tokens`` is finished: its remaining positions repeat that stop token,
-        and generation ends early (same output shape) once every sample has finished.
-        ``state`` continues an earlier call (``input_ids`` then follows it).
-
-        Every argument is checked before the first forward: ``stop_tokens`` are int
-        token ids (an int, a sequence of ints or an integer tensor; floats are refused,
-        not truncated); temperature / top_k / top_p must be valid even when greedy (and
-        warn that they have no effect then). Logits that turn NaN or infinite raise
-        :class:`prosg.models.NonFiniteLogitsError` naming the step and the batch rows.
-        See :func:`prosg.models.generation.stream_generate`.
-        """
-        from prosg.models.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, delta, state=state, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                        stop_tokens=stop_tokens)
-
-    def stream_generate(self, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-                        state: RWKV4State | None = None, do_sample: bool = False, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                        stop_tokens: int | list[int] | Tensor | None = None) -> Iterator[Tensor]:
-        """Like :meth:`generate`, yielding the ``[B]`` new tokens of each step as they
-        are produced (the prompt is not yielded)."""
-        from prosg.models.generation import stream_generate
-
-        return stream_generate(self, input_ids, max_new_tokens, delta, state=state, do_sample=do_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                               stop_tokens=stop_tokens)
 
     # ------------------------------------------------------------------ checkpoints
 

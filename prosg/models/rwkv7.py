@@ -31,19 +31,17 @@ per-sample weight is formed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prosg.models.checks import check_count, check_input_ids, check_model_dtype
+from prosg.models.checks import check_count
+from prosg.models.common import RWKVLanguageModel, project, token_shift
 from prosg.models.config import RWKV7Config
 from prosg.models.protocol import LayerInputs
-from prosg.models.rwkv4 import _batch_hint, _project, token_shift
-from prosg.models.state import Delta, RWKV7State, parse_delta_name
+from prosg.models.state import RWKV7State, parse_delta_name
 from prosg.numerics import accumulation_dtype
 from prosg.ops import wkv7
 
@@ -114,9 +112,9 @@ class RWKV7TimeMix(nn.Module):
         T = 1 if single else x.shape[1]
         nh, N = self.num_heads, self.head_size
         xr, xw, xk, xv, xa, xg = self.mixes(x, token_shift(x, prev))
-        r = _project(xr, self.receptance.weight, delta.get("receptance"), scale)
-        k = _project(xk, self.key.weight, delta.get("key"), scale)
-        v = _project(xv, self.value.weight, delta.get("value"), scale)
+        r = project(xr, self.receptance.weight, delta.get("receptance"), scale)
+        k = project(xk, self.key.weight, delta.get("key"), scale)
+        v = project(xv, self.value.weight, delta.get("value"), scale)
         # The decay's MLP runs in its parameters' dtype (float32 for a 16-bit model).
         w = self.w0 + torch.tanh(xw.to(self.w1.dtype) @ self.w1) @ self.w2
         w = -F.softplus(-w) - 0.5
@@ -139,7 +137,7 @@ class RWKV7TimeMix(nn.Module):
                            self.ln_x.eps).to(x.dtype)
         bonus = (r * k * self.r_k.view(C)).view(B, T, nh, N).sum(-1, keepdim=True) * v.view(B, T, nh, N)
         out = (out.view(B, T, C) + bonus.view(B, T, C)).view(x.shape) * g
-        out = _project(out, self.output.weight, delta.get("output"), scale)
+        out = project(out, self.output.weight, delta.get("output"), scale)
         return out, (x if single else x[:, -1]), wkv_state, v_first
 
 
@@ -161,8 +159,8 @@ class RWKV7ChannelMix(nn.Module):
                 scale: float) -> tuple[Tensor, Tensor]:
         """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
         xk = self.mix(x, token_shift(x, prev))
-        key = torch.square(torch.relu(_project(xk, self.key.weight, delta.get("key"), scale)))
-        return _project(key, self.value.weight, delta.get("value"), scale), (x if x.dim() == 2 else x[:, -1])
+        key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))
+        return project(key, self.value.weight, delta.get("value"), scale), (x if x.dim() == 2 else x[:, -1])
 
 
 class RWKV7Block(nn.Module):
@@ -178,16 +176,7 @@ class RWKV7Block(nn.Module):
         self.feed_forward = RWKV7ChannelMix(config, layer_id)
 
 
-@dataclass
-class _Carried:
-    """What generation carries between tokens: the state as per-layer lists
-    (``att_shift``, ``ffn_shift``, ``wkv``) and the delta sorted by layer."""
-
-    layers: tuple[list, list, list] | None
-    deltas: tuple[list[dict], list[dict], float] | None
-
-
-class RWKV7LM(nn.Module):
+class RWKV7LM(RWKVLanguageModel):
     """RWKV-7 causal language model: ``model(input_ids, state, delta) -> (logits, state)``.
 
     Load weights with :meth:`from_blinkdl` (a BlinkDL x070 ``.pth``) or
@@ -202,6 +191,10 @@ class RWKV7LM(nn.Module):
     standard deviation (measured on random 3-layer models: max 0.22, mean 0.011-0.013;
     tests/test_rwkv7_model.py, docs/rwkv7.md)."""
 
+    STATE = RWKV7State
+    DELTA_KINDS = DELTA_KINDS
+    FLOAT32_PARAMETERS = FLOAT32_PARAMETERS
+
     def __init__(self, config: RWKV7Config, *, init: bool = True):
         super().__init__()
         self.config = config
@@ -213,27 +206,6 @@ class RWKV7LM(nn.Module):
             self.head.weight = self.embeddings.weight
         if init:
             self.reset_parameters()
-
-    # ------------------------------------------------------------------ basics
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype (that of the embedding)."""
-        return self.embeddings.weight.dtype
-
-    def to_dtype(self, dtype: torch.dtype) -> "RWKV7LM":
-        """Casts the model to ``dtype`` keeping the decay MLP (``w0``, ``w1``, ``w2``)
-        in float32 for 16-bit dtypes. ``model.to(dtype)`` casts everything."""
-        check_model_dtype(dtype, "to_dtype: dtype")
-        keep = dtype in (torch.float16, torch.bfloat16)
-        for name, p in self.named_parameters():
-            target = torch.float32 if keep and name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
-            p.data = p.data.to(target)
-        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -315,37 +287,6 @@ class RWKV7LM(nn.Module):
 
     # ------------------------------------------------------------------ what the method reads
 
-    @torch.no_grad()
-    def layer_inputs(self, input_ids: Tensor) -> LayerInputs:
-        """Every block's ``ln1`` / ``ln2`` outputs and ``ln_out``'s, ``[B, T, H]``
-        each, over ``input_ids`` from the empty state (base weights), collected with
-        forward hooks, so the forward is the one :meth:`forward` runs."""
-        ln1: dict[int, Tensor] = {}
-        ln2: dict[int, Tensor] = {}
-        final: list[Tensor] = []
-
-        def keep(store, key):
-            def hook(_module, _inputs, output):
-                store[key] = output
-            return hook
-
-        handles = []
-        try:
-            for i, block in enumerate(self.blocks):
-                handles.append(block.ln1.register_forward_hook(keep(ln1, i)))
-                handles.append(block.ln2.register_forward_hook(keep(ln2, i)))
-            handles.append(self.ln_out.register_forward_hook(lambda _m, _i, o: final.append(o)))
-            self(input_ids)
-        finally:
-            for h in handles:
-                h.remove()
-
-        def as3(t: Tensor) -> Tensor:  # a one-token input runs on [B, H] tensors
-            return t.unsqueeze(1) if t.dim() == 2 else t
-
-        L = len(self.blocks)
-        return LayerInputs([as3(ln1[i]) for i in range(L)], [as3(ln2[i]) for i in range(L)], as3(final[-1]))
-
     def has_delta_input(self, name: str) -> bool:
         """Every matrix but ``attention.output``, whose input (the normalised
         recurrence output plus bonus, gated) needs the recurrence itself."""
@@ -370,13 +311,6 @@ class RWKV7LM(nn.Module):
         if kind == "key":
             return xk
         return torch.square(torch.relu(F.linear(xk, module.key.weight)))
-
-    def writes_residual(self, name: str) -> bool:
-        _, part, kind = parse_delta_name(name, DELTA_KINDS)
-        return (part, kind) in (("attention", "output"), ("feed_forward", "value"))
-
-    def output_embeddings(self) -> Tensor:
-        return self.head.weight
 
     # ------------------------------------------------------------------ checks
 
@@ -410,87 +344,7 @@ class RWKV7LM(nn.Module):
         return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
                 list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
 
-    def _resolve_delta(self, delta: Delta | dict | None,
-                       batch: int) -> tuple[list[dict], list[dict], float] | None:
-        """Validates a delta against :meth:`delta_shapes` and sorts its factors by
-        layer: ``(attention deltas per layer, feed-forward deltas per layer, scale)``."""
-        delta = Delta.coerce(delta)
-        if delta is None or not delta.factors:
-            return None
-        if isinstance(delta.scale, bool) or not isinstance(delta.scale, (int, float)):
-            raise TypeError(f"delta.scale must be a float, got {type(delta.scale)}")
-        if not math.isfinite(delta.scale):
-            raise ValueError(f"delta.scale must be finite, got {delta.scale}")
-        L = self.config.num_hidden_layers
-        per_layer: dict[str, list[dict]] = {part: [{} for _ in range(L)] for part in DELTA_KINDS}
-        act = self.dtype
-        for name, uv in delta.factors.items():
-            if not isinstance(name, str):
-                raise TypeError(f"delta: module names must be str, got {name!r} ({type(name).__name__})")
-            layer, part, kind = parse_delta_name(name, DELTA_KINDS)
-            if layer >= L:
-                raise ValueError(f"delta: module {name!r} refers to block {layer}, but the model has {L} blocks")
-            if not isinstance(uv, (tuple, list)) or len(uv) != 2 or not all(isinstance(t, Tensor) for t in uv):
-                raise TypeError(f"delta[{name!r}] must be a pair of tensors (U [B, Dout, r], V [B, Din, r])")
-            U, V = uv
-            d_out, d_in = getattr(getattr(self.blocks[layer], part), kind).weight.shape
-            r = U.shape[-1] if U.dim() == 3 else -1
-            if U.dim() != 3 or tuple(U.shape) != (batch, d_out, r):
-                raise ValueError(f"delta[{name!r}]: U must have shape [B={batch}, Dout={d_out}, r], "
-                                 f"got {list(U.shape)}{_batch_hint(U, batch)}")
-            if tuple(V.shape) != (batch, d_in, r):
-                raise ValueError(f"delta[{name!r}]: V must have shape [B={batch}, Din={d_in}, r={r}], "
-                                 f"got {list(V.shape)}{_batch_hint(V, batch)}")
-            for which, t in (("U", U), ("V", V)):
-                if not t.is_floating_point():
-                    raise ValueError(f"delta[{name!r}]: {which} must be floating point, got {t.dtype}")
-                if t.device != self.device:
-                    raise ValueError(f"delta[{name!r}]: {which} is on {t.device} but the model is on {self.device}")
-            target = per_layer[part][layer]
-            if kind in target:
-                raise ValueError(f"delta: module {name!r} is given twice (under two spellings)")
-            if r == 0:
-                continue  # a rank-0 delta is no change at all
-            target[kind] = (U.to(act), V.to(act))
-        return per_layer["attention"], per_layer["feed_forward"], float(delta.scale)
-
     # ------------------------------------------------------------------ forward
-
-    def forward(self, input_ids: Tensor, state: RWKV7State | None = None, delta: Delta | dict | None = None,
-                *, logits_to_keep: int = 0) -> tuple[Tensor, RWKV7State]:
-        """Runs ``input_ids [B, T]`` after ``state`` (None: start of sequence).
-
-        Args:
-            input_ids: ``[B, T]`` token ids, ``T >= 1``.
-            state: the :class:`RWKV7State` returned by an earlier call; the sequence
-                continues from it exactly (a prompt run in chunks equals one call).
-            delta: per-sample weight deltas (:class:`Delta` or ``{name: (U, V)}``) with
-                batch ``B``; sample ``b`` runs with ``W + scale * U_b V_b^T``.
-            logits_to_keep: 0 returns the logits of every position, ``n > 0`` those of
-                the last ``min(n, T)``; negative values are refused.
-
-        Returns:
-            ``(logits [B, T or n, vocab], state after the last token)``.
-        """
-        logits_to_keep = check_count(logits_to_keep, "logits_to_keep")
-        check_input_ids(input_ids, self.config.vocab_size, self.device)
-        batch = input_ids.shape[0]
-        layers = self._check_state(state, batch)
-        deltas = self._resolve_delta(delta, batch)
-        logits, (att, ffn, wkv) = self._forward(input_ids, layers, deltas, logits_to_keep)
-        return logits, RWKV7State(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
-
-    def start_decoding(self, input_ids: Tensor, state: RWKV7State | None,
-                       delta: Delta | dict | None) -> _Carried:
-        """Checks the arguments of a generation once; :meth:`decode` then steps
-        without re-checking."""
-        check_input_ids(input_ids, self.config.vocab_size, self.device)
-        batch = input_ids.shape[0]
-        return _Carried(self._check_state(state, batch), self._resolve_delta(delta, batch))
-
-    def decode(self, input_ids: Tensor, carried: _Carried, *, logits_to_keep: int = 0) -> tuple[Tensor, _Carried]:
-        logits, layers = self._forward(input_ids, carried.layers, carried.deltas, logits_to_keep)
-        return logits, _Carried(layers, carried.deltas)
 
     def _forward(self, input_ids: Tensor, layers: tuple[list, list, list] | None,
                  deltas: tuple[list[dict], list[dict], float] | None,
@@ -528,31 +382,6 @@ class RWKV7LM(nn.Module):
         if single:
             logits = logits.unsqueeze(1)
         return logits, (new_att, new_ffn, new_wkv)
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(self, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-                 state: RWKV7State | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 stop_tokens: int | list[int] | Tensor | None = None) -> Tensor:
-        """Generates ``max_new_tokens`` tokens after ``input_ids`` for the whole batch:
-        :func:`prosg.models.generation.generate` (see :meth:`RWKV4LM.generate`)."""
-        from prosg.models.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, delta, state=state, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                        stop_tokens=stop_tokens)
-
-    def stream_generate(self, input_ids: Tensor, max_new_tokens: int, delta: Delta | dict | None = None, *,
-                        state: RWKV7State | None = None, do_sample: bool = False, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                        stop_tokens: int | list[int] | Tensor | None = None) -> Iterator[Tensor]:
-        """Like :meth:`generate`, yielding the ``[B]`` new tokens of each step."""
-        from prosg.models.generation import stream_generate
-
-        return stream_generate(self, input_ids, max_new_tokens, delta, state=state, do_sample=do_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                               stop_tokens=stop_tokens)
 
     # ------------------------------------------------------------------ checkpoints
 

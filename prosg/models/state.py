@@ -24,7 +24,90 @@ _NAME = re.compile(r"^blocks\.(\d+)\.(attention|feed_forward)\.(\w+)$")
 
 
 @dataclass
-class RWKV4State:
+class _ShiftWkvState:
+    """What the RWKV-4 and RWKV-7 states share: per layer the two token-shift vectors
+    ``att_shift`` / ``ffn_shift`` ``[L, B, H]`` (activation dtype) and a WKV state
+    ``wkv`` ``[L, B, ...]`` (float32, float64 for a float64 model); dimension 1 of every
+    tensor is the batch. Subclasses name the WKV layout (``_WKV_LAYOUT``) and check its
+    shape further (``_check_wkv_shape``)."""
+
+    att_shift: Tensor
+    ffn_shift: Tensor
+    wkv: Tensor
+
+    _WKV_LAYOUT = ""
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        for name, dims, layout in (("att_shift", 3, "[L, B, H]"), ("ffn_shift", 3, "[L, B, H]"),
+                                   ("wkv", self._WKV_LAYOUT.count(",") + 1, self._WKV_LAYOUT)):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{cls}.{name} must be a Tensor {layout}, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{cls}.{name} must be a floating-point tensor {layout}, got {t.dtype}")
+            if t.dim() != dims:
+                raise ValueError(f"{cls}.{name} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+        self._check_wkv_shape()
+        if self.wkv.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{cls}.wkv must be float32 (float64 for a float64 model), got {self.wkv.dtype}")
+        devices = {n: getattr(self, n).device for n in ("att_shift", "ffn_shift", "wkv")}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"{cls}: all tensors must be on one device, got "
+                             f"{', '.join(f'{n} on {d}' for n, d in devices.items())}")
+
+    def _check_wkv_shape(self) -> None:
+        pass
+
+    def _map(self, fn):
+        return type(self)(fn(self.att_shift), fn(self.ffn_shift), fn(self.wkv))
+
+    @property
+    def num_layers(self) -> int:
+        return self.att_shift.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.att_shift.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.att_shift.device
+
+    def to(self, *args, **kwargs):
+        """Moves every tensor like ``Tensor.to``. A dtype given applies to the shift
+        vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
+        shift_a = self.att_shift.to(*args, **kwargs)
+        shift_f = self.ffn_shift.to(*args, **kwargs)
+        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else accumulation_dtype(shift_a.dtype)
+        wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
+        return type(self)(shift_a, shift_f, wkv)
+
+    def detach(self):
+        return self._map(Tensor.detach)
+
+    def clone(self):
+        return self._map(Tensor.clone)
+
+    def index_select(self, index: Tensor | list[int]):
+        """The state of the samples ``index`` (in that order; repeats allowed)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return self._map(lambda t: t.index_select(1, idx))
+
+    def index_copy_(self, index: Tensor, source):
+        """Writes ``source``'s samples into rows ``index`` of this state, in place."""
+        for name in ("att_shift", "ffn_shift", "wkv"):
+            getattr(self, name).index_copy_(1, index, getattr(source, name))
+        return self
+
+    def repeat(self, n: int):
+        """Each sample repeated ``n`` times in place (``repeat_interleave``): a prompt
+        prefilled once with batch 1 continued by ``n`` samples with their own deltas."""
+        return self._map(lambda t: t.repeat_interleave(n, 1))
+
+
+@dataclass
+class RWKV4State(_ShiftWkvState):
     """Recurrent state of every layer after the last token seen.
 
     Attributes:
@@ -44,29 +127,12 @@ class RWKV4State:
     its config (the number of layers, the batch size, the widths).
     """
 
-    att_shift: Tensor
-    ffn_shift: Tensor
-    wkv: Tensor
+    _WKV_LAYOUT = "[L, B, 3, C]"
 
-    def __post_init__(self) -> None:
-        for name, dims, layout in (("att_shift", 3, "[L, B, H]"), ("ffn_shift", 3, "[L, B, H]"),
-                                   ("wkv", 4, "[L, B, 3, C]")):
-            t = getattr(self, name)
-            if not isinstance(t, Tensor):
-                raise TypeError(f"RWKV4State.{name} must be a Tensor {layout}, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"RWKV4State.{name} must be a floating-point tensor {layout}, got {t.dtype}")
-            if t.dim() != dims:
-                raise ValueError(f"RWKV4State.{name} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+    def _check_wkv_shape(self) -> None:
         if self.wkv.shape[2] != 3:
             raise ValueError(f"RWKV4State.wkv must be [L, B, 3, C] (numerator, denominator, maximum), "
                              f"got shape {list(self.wkv.shape)}")
-        if self.wkv.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"RWKV4State.wkv must be float32 (float64 for a float64 model), got {self.wkv.dtype}")
-        devices = {n: getattr(self, n).device for n in ("att_shift", "ffn_shift", "wkv")}
-        if len(set(devices.values())) > 1:
-            raise ValueError(f"RWKV4State: all tensors must be on one device, got "
-                             f"{', '.join(f'{n} on {d}' for n, d in devices.items())}")
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, hidden_size: int, attention_size: int, *,
@@ -76,51 +142,6 @@ class RWKV4State:
         wkv = torch.zeros(num_layers, batch, 3, attention_size, dtype=accumulation_dtype(dtype), device=device)
         wkv[:, :, 2] = EMPTY_MAX
         return cls(shift, shift.clone(), wkv)
-
-    @property
-    def num_layers(self) -> int:
-        return self.att_shift.shape[0]
-
-    @property
-    def batch_size(self) -> int:
-        return self.att_shift.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.att_shift.device
-
-    def to(self, *args, **kwargs) -> "RWKV4State":
-        """Moves every tensor like ``Tensor.to``. A dtype given applies to the shift
-        vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
-        shift_a = self.att_shift.to(*args, **kwargs)
-        shift_f = self.ffn_shift.to(*args, **kwargs)
-        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else accumulation_dtype(shift_a.dtype)
-        wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
-        return RWKV4State(shift_a, shift_f, wkv)
-
-    def detach(self) -> "RWKV4State":
-        return RWKV4State(self.att_shift.detach(), self.ffn_shift.detach(), self.wkv.detach())
-
-    def clone(self) -> "RWKV4State":
-        return RWKV4State(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
-
-    def index_select(self, index: Tensor | list[int]) -> "RWKV4State":
-        """The state of the samples ``index`` (in that order; repeats allowed)."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
-        return RWKV4State(self.att_shift.index_select(1, idx), self.ffn_shift.index_select(1, idx),
-                          self.wkv.index_select(1, idx))
-
-    def index_copy_(self, index: Tensor, source: "RWKV4State") -> "RWKV4State":
-        """Writes ``source``'s samples into rows ``index`` of this state, in place."""
-        for name in ("att_shift", "ffn_shift", "wkv"):
-            getattr(self, name).index_copy_(1, index, getattr(source, name))
-        return self
-
-    def repeat(self, n: int) -> "RWKV4State":
-        """Each sample repeated ``n`` times in place (``repeat_interleave``): a prompt
-        prefilled once with batch 1 continued by ``n`` samples with their own deltas."""
-        return RWKV4State(self.att_shift.repeat_interleave(n, 1), self.ffn_shift.repeat_interleave(n, 1),
-                          self.wkv.repeat_interleave(n, 1))
 
     @classmethod
     def from_hf(cls, state: list[Tensor] | tuple[Tensor, ...]) -> "RWKV4State":
@@ -138,7 +159,7 @@ class RWKV4State:
 
 
 @dataclass
-class RWKV7State:
+class RWKV7State(_ShiftWkvState):
     """Recurrent state of every layer of an RWKV-7 model after the last token seen.
 
     Attributes:
@@ -158,29 +179,12 @@ class RWKV7State:
     model checks the sizes against its config.
     """
 
-    att_shift: Tensor
-    ffn_shift: Tensor
-    wkv: Tensor
+    _WKV_LAYOUT = "[L, B, heads, N, N]"
 
-    def __post_init__(self) -> None:
-        for name, dims, layout in (("att_shift", 3, "[L, B, H]"), ("ffn_shift", 3, "[L, B, H]"),
-                                   ("wkv", 5, "[L, B, heads, N, N]")):
-            t = getattr(self, name)
-            if not isinstance(t, Tensor):
-                raise TypeError(f"RWKV7State.{name} must be a Tensor {layout}, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"RWKV7State.{name} must be a floating-point tensor {layout}, got {t.dtype}")
-            if t.dim() != dims:
-                raise ValueError(f"RWKV7State.{name} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+    def _check_wkv_shape(self) -> None:
         if self.wkv.shape[3] != self.wkv.shape[4]:
             raise ValueError(f"RWKV7State.wkv must be [L, B, heads, N, N] (square per head), "
                              f"got shape {list(self.wkv.shape)}")
-        if self.wkv.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"RWKV7State.wkv must be float32 (float64 for a float64 model), got {self.wkv.dtype}")
-        devices = {n: getattr(self, n).device for n in ("att_shift", "ffn_shift", "wkv")}
-        if len(set(devices.values())) > 1:
-            raise ValueError(f"RWKV7State: all tensors must be on one device, got "
-                             f"{', '.join(f'{n} on {d}' for n, d in devices.items())}")
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, hidden_size: int, num_heads: int, head_size: int, *,
@@ -190,50 +194,6 @@ class RWKV7State:
         wkv = torch.zeros(num_layers, batch, num_heads, head_size, head_size, dtype=accumulation_dtype(dtype),
                           device=device)
         return cls(shift, shift.clone(), wkv)
-
-    @property
-    def num_layers(self) -> int:
-        return self.att_shift.shape[0]
-
-    @property
-    def batch_size(self) -> int:
-        return self.att_shift.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.att_shift.device
-
-    def to(self, *args, **kwargs) -> "RWKV7State":
-        """Moves every tensor like ``Tensor.to``. A dtype given applies to the shift
-        vectors only: the WKV state stays float32 (float64 with a float64 dtype)."""
-        shift_a = self.att_shift.to(*args, **kwargs)
-        shift_f = self.ffn_shift.to(*args, **kwargs)
-        wkv_dtype = self.wkv.dtype if shift_a.dtype == self.att_shift.dtype else accumulation_dtype(shift_a.dtype)
-        wkv = self.wkv.to(device=shift_a.device, dtype=wkv_dtype, non_blocking=kwargs.get("non_blocking", False))
-        return RWKV7State(shift_a, shift_f, wkv)
-
-    def detach(self) -> "RWKV7State":
-        return RWKV7State(self.att_shift.detach(), self.ffn_shift.detach(), self.wkv.detach())
-
-    def clone(self) -> "RWKV7State":
-        return RWKV7State(self.att_shift.clone(), self.ffn_shift.clone(), self.wkv.clone())
-
-    def index_select(self, index: Tensor | list[int]) -> "RWKV7State":
-        """The state of the samples ``index`` (in that order; repeats allowed)."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
-        return RWKV7State(self.att_shift.index_select(1, idx), self.ffn_shift.index_select(1, idx),
-                          self.wkv.index_select(1, idx))
-
-    def index_copy_(self, index: Tensor, source: "RWKV7State") -> "RWKV7State":
-        """Writes ``source``'s samples into rows ``index`` of this state, in place."""
-        for name in ("att_shift", "ffn_shift", "wkv"):
-            getattr(self, name).index_copy_(1, index, getattr(source, name))
-        return self
-
-    def repeat(self, n: int) -> "RWKV7State":
-        """Each sample repeated ``n`` times in place (``repeat_interleave``)."""
-        return RWKV7State(self.att_shift.repeat_interleave(n, 1), self.ffn_shift.repeat_interleave(n, 1),
-                          self.wkv.repeat_interleave(n, 1))
 
 
 @dataclass
