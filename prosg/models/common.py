@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from prosg.models.checks import check_count, check_input_ids, check_model_dtype
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import Delta, parse_delta_name
+from prosg.numerics import accumulation_dtype
 from prosg.ops import lowrank_linear
 
 LowRank = tuple[Tensor, Tensor]
@@ -144,8 +145,8 @@ class RWKVLanguageModel(nn.Module):
 
     A subclass has ``config``, ``embeddings``, ``blocks`` (each with ``ln1``, ``ln2``,
     ``attention``, ``feed_forward``), ``ln_out`` and ``head``, and provides
-    ``_check_state(state, batch) -> per-layer lists``, ``_forward(input_ids, layers,
-    deltas, logits_to_keep) -> (logits, layers)`` and the class attributes below."""
+    ``_state_shapes(batch) -> {field: shape}``, ``_forward(input_ids, layers, deltas,
+    logits_to_keep) -> (logits, layers)`` and the class attributes below."""
 
     #: The state class :meth:`forward` returns.
     STATE: type = None
@@ -153,6 +154,8 @@ class RWKVLanguageModel(nn.Module):
     DELTA_KINDS: dict[str, tuple[str, ...]] | None = None
     #: Parameter names (last component) that :meth:`to_dtype` keeps in float32.
     FLOAT32_PARAMETERS: tuple[str, ...] = ()
+    #: Appended to the error for a state of another type.
+    _STATE_HINT = ""
 
     @property
     def device(self) -> torch.device:
@@ -206,6 +209,38 @@ class RWKVLanguageModel(nn.Module):
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         check_input_ids(input_ids, self.config.vocab_size, self.device)
+
+    def _check_state(self, state, batch: int) -> tuple[list, list, list] | None:
+        """Validates a state and splits it into per-layer lists. Shift vectors of
+        another floating dtype are cast to the activation dtype and a float64 WKV state
+        to float32 (as deltas are cast); a non-floating state never reaches here (the
+        state classes refuse it)."""
+        if state is None:
+            return None
+        if not isinstance(state, self.STATE):
+            raise TypeError(f"state must be a prosg.models.{self.STATE.__name__} (as returned by the model), "
+                            f"got {type(state)}{self._STATE_HINT}")
+        for name, shape in self._state_shapes(batch).items():
+            t = getattr(state, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"state.{name} must be a Tensor, got {type(t)}")
+            if tuple(t.shape) != shape:
+                what = {0: "layers", 1: "batch size"}
+                hint = "".join(f" ({what[d]} {t.shape[d]} != {shape[d]})" for d in (0, 1)
+                               if t.dim() > d and t.shape[d] != shape[d])
+                if t.dim() > 1 and t.shape[1] != batch:
+                    hint += f"; the batch size is input_ids' ({batch})"
+                raise ValueError(f"state.{name} must have shape {list(shape)} (layers, batch, ...), "
+                                 f"got {list(t.shape)}{hint}")
+            if t.device != self.device:
+                raise ValueError(f"state.{name} is on {t.device} but the model is on {self.device}")
+            # Re-checked here: the fields of a dataclass can be reassigned after
+            # construction, and an integer state would be cast to garbage silently.
+            if not t.is_floating_point():
+                raise TypeError(f"state.{name} must be floating point, got {t.dtype}")
+        act = self.dtype
+        return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
+                list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
 
     def _resolve_delta(self, delta: Delta | dict | None,
                        batch: int) -> tuple[list[dict], list[dict], float] | None:

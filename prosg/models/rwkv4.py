@@ -182,6 +182,7 @@ class RWKV4LM(RWKVLanguageModel):
     DELTA_KINDS = None  # RWKV-4's (parse_delta_name's default and its messages)
     # transformers' _keep_in_fp32_modules: exp(-exp(w)) is too sensitive for 8 mantissa bits
     FLOAT32_PARAMETERS = ("time_decay", "time_first")
+    _STATE_HINT = "; transformers' 5-tensor list converts with RWKV4State.from_hf"
 
     def __init__(self, config: RWKV4Config, *, init: bool = True):
         super().__init__()
@@ -273,40 +274,10 @@ class RWKV4LM(RWKVLanguageModel):
 
     # ------------------------------------------------------------------ checks
 
-    def _check_state(self, state: RWKV4State | None, batch: int) -> tuple[list, list, list] | None:
-        """Validates a state and splits it into per-layer lists. Shift vectors of
-        another floating dtype are cast to the activation dtype and a float64 WKV state
-        to float32 (as deltas are cast); a non-floating state never reaches here
-        (:class:`RWKV4State` refuses it)."""
-        if state is None:
-            return None
-        if not isinstance(state, RWKV4State):
-            raise TypeError(f"state must be a prosg.models.RWKV4State (as returned by the model), got {type(state)}; "
-                            "transformers' 5-tensor list converts with RWKV4State.from_hf")
+    def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         cfg = self.config
         L, H, C = cfg.num_hidden_layers, cfg.hidden_size, cfg.attention_hidden_size
-        expected = {"att_shift": (L, batch, H), "ffn_shift": (L, batch, H), "wkv": (L, batch, 3, C)}
-        for name, shape in expected.items():
-            t = getattr(state, name)
-            if not isinstance(t, Tensor):
-                raise TypeError(f"state.{name} must be a Tensor, got {type(t)}")
-            if tuple(t.shape) != shape:
-                what = {0: "layers", 1: "batch size"}
-                hint = "".join(f" ({what[d]} {t.shape[d]} != {shape[d]})" for d in (0, 1)
-                               if t.dim() > d and t.shape[d] != shape[d])
-                if t.dim() > 1 and t.shape[1] != batch:
-                    hint += f"; the batch size is input_ids' ({batch})"
-                raise ValueError(f"state.{name} must have shape {list(shape)} (layers, batch, ...), "
-                                 f"got {list(t.shape)}{hint}")
-            if t.device != self.device:
-                raise ValueError(f"state.{name} is on {t.device} but the model is on {self.device}")
-            # Re-checked here: the fields of a dataclass can be reassigned after
-            # construction, and an integer state would be cast to garbage silently.
-            if not t.is_floating_point():
-                raise TypeError(f"state.{name} must be floating point, got {t.dtype}")
-        act = self.dtype
-        return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
-                list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
+        return {"att_shift": (L, batch, H), "ffn_shift": (L, batch, H), "wkv": (L, batch, 3, C)}
 
     # ------------------------------------------------------------------ forward
 

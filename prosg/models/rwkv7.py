@@ -314,35 +314,10 @@ class RWKV7LM(RWKVLanguageModel):
 
     # ------------------------------------------------------------------ checks
 
-    def _check_state(self, state: RWKV7State | None, batch: int) -> tuple[list, list, list] | None:
-        """Validates a state and splits it into per-layer lists (shifts cast to the
-        activation dtype, a float64 WKV state of a float32 model to float32)."""
-        if state is None:
-            return None
-        if not isinstance(state, RWKV7State):
-            raise TypeError(f"state must be a prosg.models.RWKV7State (as returned by the model), got {type(state)}")
+    def _state_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         cfg = self.config
         L, H, nh, N = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_heads, cfg.head_size
-        expected = {"att_shift": (L, batch, H), "ffn_shift": (L, batch, H), "wkv": (L, batch, nh, N, N)}
-        for name, shape in expected.items():
-            t = getattr(state, name)
-            if not isinstance(t, Tensor):
-                raise TypeError(f"state.{name} must be a Tensor, got {type(t)}")
-            if tuple(t.shape) != shape:
-                what = {0: "layers", 1: "batch size"}
-                hint = "".join(f" ({what[d]} {t.shape[d]} != {shape[d]})" for d in (0, 1)
-                               if t.dim() > d and t.shape[d] != shape[d])
-                if t.dim() > 1 and t.shape[1] != batch:
-                    hint += f"; the batch size is input_ids' ({batch})"
-                raise ValueError(f"state.{name} must have shape {list(shape)} (layers, batch, ...), "
-                                 f"got {list(t.shape)}{hint}")
-            if t.device != self.device:
-                raise ValueError(f"state.{name} is on {t.device} but the model is on {self.device}")
-            if not t.is_floating_point():
-                raise TypeError(f"state.{name} must be floating point, got {t.dtype}")
-        act = self.dtype
-        return (list(state.att_shift.to(act).unbind(0)), list(state.ffn_shift.to(act).unbind(0)),
-                list(state.wkv.to(accumulation_dtype(act)).unbind(0)))
+        return {"att_shift": (L, batch, H), "ffn_shift": (L, batch, H), "wkv": (L, batch, nh, N, N)}
 
     # ------------------------------------------------------------------ forward
 
