@@ -248,6 +248,21 @@ class RWKVLanguageModel(nn.Module):
         layer, feed-forward deltas per layer, scale)``, or None for no delta."""
         return resolve_delta(self, delta, batch, self.DELTA_KINDS)
 
+    def _logits(self, h: Tensor, single: bool, logits_to_keep: int) -> Tensor:
+        """``ln_out`` and the head over the last block's output ``h`` (``[B, T, H]``, or
+        ``[B, H]`` for one token): logits ``[B, T or logits_to_keep, V]``."""
+        if logits_to_keep and not single:
+            h = h[:, -logits_to_keep:]
+        h = self.ln_out(h)
+        if single and h.shape[0] > 1 and h.device.type == "cpu":
+            # Decoding a batch: MKL's sgemm runs the transposed problem W @ x^T of a tall
+            # head faster than x [B, H] @ W^T (benchmarks/bench_design.py, RESULTS.md);
+            # the result is the same.
+            logits = torch.mm(self.head.weight, h.t()).t()
+        else:
+            logits = F.linear(h, self.head.weight)
+        return logits.unsqueeze(1) if single else logits
+
     # ------------------------------------------------------------------ the generation seam
 
     def start_decoding(self, input_ids: Tensor, state, delta: Delta | dict | None) -> Carried:

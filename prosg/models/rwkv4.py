@@ -312,19 +312,7 @@ class RWKV4LM(RWKVLanguageModel):
             new_att.append(att_shift)
             new_ffn.append(ffn_shift)
             new_wkv.append(wkv_state)
-        if logits_to_keep and not single:
-            h = h[:, -logits_to_keep:]
-        h = self.ln_out(h)
-        if single and h.shape[0] > 1 and h.device.type == "cpu":
-            # Decoding a batch: MKL's sgemm runs the transposed problem W @ x^T of a tall
-            # head faster than x [B, H] @ W^T (benchmarks/bench_design.py, RESULTS.md);
-            # the result is the same.
-            logits = torch.mm(self.head.weight, h.t()).t()
-        else:
-            logits = F.linear(h, self.head.weight)
-        if single:
-            logits = logits.unsqueeze(1)
-        return logits, (new_att, new_ffn, new_wkv)
+        return self._logits(h, single, logits_to_keep), (new_att, new_ffn, new_wkv)
 
     # ------------------------------------------------------------------ checkpoints
 
