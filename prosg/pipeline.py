@@ -26,13 +26,14 @@ from prosg.models.state import Delta
 
 def load_base(base=None, *, device=None):
     """A base model: an already built model, a model directory, or None / ``"bundled"``
-    for the tiny base model bundled with prosg (the demo's)."""
+    / ``"bundled:NAME"`` for a tiny base model bundled with prosg (the demo's;
+    :data:`prosg.method.pretrain.BUNDLED_BASES`)."""
     if base is not None and not isinstance(base, (str, Path)):
         return base
-    if base is None or str(base) == "bundled":
-        from prosg.method.pretrain import load_base_model
+    from prosg.method.pretrain import bundled_name, load_base_model
 
-        model = load_base_model()[0]
+    if bundled_name(base) is not None:
+        model = load_base_model(base)[0]
     else:
         from prosg.models.loading import load_model
 
@@ -66,7 +67,7 @@ class ProSG:
 
         if base is None and Path(generator_dir).is_dir():
             hint = (read_config(generator_dir) or {}).get("base_path")
-            if hint and (hint == "bundled" or Path(hint).is_dir()):
+            if hint and (hint.startswith("bundled") or Path(hint).is_dir()):
                 base = hint
         model = load_base(base, device=device)
         generator, _ = load_pretrained(generator_dir, model)

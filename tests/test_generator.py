@@ -1,5 +1,8 @@
 """The synthetic-gradient generator (prosg.method.generator): shapes, zero start,
-gradients through the fused kernels, padding invariance, input checks."""
+gradients through the fused kernels, padding invariance, input checks.
+
+The generator reads a model only through prosg.models.protocol, so every test of its
+behaviour on a model runs on both architectures (``arch``: RWKV-4 and RWKV-7)."""
 
 from __future__ import annotations
 
@@ -14,13 +17,32 @@ from prosg.method.generator import (
     true_input,
 )
 from prosg.models import Delta
-from prosg.models.testing import merged_weights, random_model
+from prosg.models.testing import merged_weights, random_model, random_rwkv7_model, tiny_rwkv7_config
 
 ALL = ("blocks.*.attention.*", "blocks.*.feed_forward.*")
 
 
-def _frozen(dtype=torch.float32, **kw):
-    model = random_model(dtype=dtype, vocab_size=41, **kw)
+#: The architectures the generator is tested on (``_frozen(arch)``).
+ARCHS = ("rwkv4", "rwkv7")
+
+#: The small RWKV-7 of these tests: 2 heads of 16, odd intermediate and LoRA widths;
+#: vocabulary 41 as RWKV-4's (the tests use ids < 41).
+RWKV7_SHAPE = dict(vocab_size=41, hidden_size=32, head_size=16, num_hidden_layers=2, intermediate_size=44,
+                   decay_low_rank_dim=6, a_low_rank_dim=5, v_low_rank_dim=3, gate_low_rank_dim=7)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def _frozen(dtype=torch.float32, arch="rwkv4", **kw):
+    if arch == "rwkv4":
+        model = random_model(dtype=dtype, vocab_size=41, **kw)
+    elif arch == "rwkv7":
+        model = random_rwkv7_model(tiny_rwkv7_config(**{**RWKV7_SHAPE, **kw}), dtype=dtype)
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -41,8 +63,8 @@ def _ids(B, P, vocab=41, seed=0):
     return torch.randint(0, vocab, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
-def test_output_shapes_every_module():
-    model = _frozen()
+def test_output_shapes_every_module(arch):
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=16, scale=0.5))
     shapes = model.delta_shapes()
     assert gen.targets == list(shapes)
@@ -60,17 +82,21 @@ def test_output_shapes_every_module():
     assert torch.isfinite(logits).all()
 
 
-def test_patterns_select_in_model_order():
-    shapes = _frozen().delta_shapes()
+def test_patterns_select_in_model_order(arch):
+    model = _frozen(arch=arch)
+    shapes, L = model.delta_shapes(), model.config.num_hidden_layers  # L = 3 (RWKV-4), 2 (RWKV-7)
     assert resolve_targets(["blocks.1.feed_forward.value", "blocks.0.attention.key"], shapes) == [
         "blocks.0.attention.key", "blocks.1.feed_forward.value"]
-    assert resolve_targets(["blocks.*.attention.key"], shapes) == [f"blocks.{i}.attention.key" for i in range(3)]
+    assert resolve_targets(["blocks.*.attention.key"], shapes) == [f"blocks.{i}.attention.key" for i in range(L)]
     # state-dict spelling is accepted
-    assert resolve_targets(["rwkv.blocks.2.attention.output.weight"], shapes) == ["blocks.2.attention.output"]
+    assert resolve_targets([f"rwkv.blocks.{L - 1}.attention.output.weight"], shapes) == [
+        f"blocks.{L - 1}.attention.output"]
+    # the ALL patterns select every matrix the model offers
+    assert resolve_targets(ALL, shapes) == list(shapes)
 
 
-def test_zero_init_gives_zero_delta_and_base_logits():
-    model = _frozen()
+def test_zero_init_gives_zero_delta_and_base_logits(arch):
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=2, hidden_size=8))
     ids = _ids(3, 6)
     delta = gen(model, ids)
@@ -82,20 +108,20 @@ def test_zero_init_gives_zero_delta_and_base_logits():
     torch.testing.assert_close(with_delta, base, rtol=0, atol=0)
 
 
-def test_hooks_read_the_models_states():
+def test_hooks_read_the_models_states(arch):
     """The hooked ln1/ln2 outputs of the last prompt token are the model's own token-shift
     state, and the summary is the final LayerNorm of each row's last real token."""
-    model = _frozen()
+    model = _frozen(arch=arch)
     ids = _ids(2, 5)
     feats = prompt_features(model, ids)
     logits, state = model(ids)
-    for layer in range(3):
+    for layer in range(model.config.num_hidden_layers):
         torch.testing.assert_close(feats.ln1[layer][:, -1], state.att_shift[layer], rtol=0, atol=0)
         torch.testing.assert_close(feats.ln2[layer][:, -1], state.ffn_shift[layer], rtol=0, atol=0)
     torch.testing.assert_close(torch.nn.functional.linear(feats.summary, model.head.weight), logits[:, -1])
     # the rebuilt channel-mix value input is relu(key)^2 >= 0 of width intermediate_size
     x = true_input(model, feats, "blocks.1.feed_forward.value")
-    assert x.shape == (2, 5, 52) and bool((x >= 0).all())
+    assert x.shape == (2, 5, model.config.intermediate_size) and bool((x >= 0).all())  # 52 for RWKV-4
     assert true_input(model, feats, "blocks.1.attention.output") is None
 
 
@@ -110,10 +136,10 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradients_reach_generator_through_fused_kernels(variant):
+def test_gradients_reach_generator_through_fused_kernels(variant, arch):
     """The generator's gradients through the model's fused low-rank kernels equal those
     of a dense float64 reference (per-sample merged weights W + s U V^T)."""
-    model = _frozen(torch.float64)
+    model = _frozen(torch.float64, arch=arch)
     cfg = GeneratorConfig(targets=ALL, rank=2, hidden_size=8, scale=0.7, **VARIANTS[variant])
     gen = SyntheticGradientGenerator(model, cfg).double()
     _randomize_heads(gen)
@@ -146,8 +172,8 @@ def test_gradients_reach_generator_through_fused_kernels(variant):
 
 
 @pytest.mark.parametrize("variant", ["default", "layer-true", "all-encoder"])
-def test_padding_does_not_change_the_delta(variant):
-    model = _frozen()
+def test_padding_does_not_change_the_delta(variant, arch):
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8, **VARIANTS[variant]))
     _randomize_heads(gen)
     short = _ids(1, 4, seed=2)
@@ -173,16 +199,16 @@ def test_padding_does_not_change_the_delta(variant):
             torch.testing.assert_close(Vb[1], V[0], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_single_token_prompt():
-    model = _frozen()
+def test_single_token_prompt(arch):
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
     _randomize_heads(gen)
     delta = gen(model, _ids(2, 1))
     assert all(torch.isfinite(U).all() and torch.isfinite(V).all() for U, V in delta.factors.values())
 
 
-def test_generate_with_delta():
-    model = _frozen()
+def test_generate_with_delta(arch):
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
     _randomize_heads(gen)
     ids = _ids(2, 5)
@@ -191,14 +217,17 @@ def test_generate_with_delta():
     assert out.shape == (2, 9)
 
 
-def test_bad_inputs():
-    model = _frozen()
+def test_bad_inputs(arch):
+    model = _frozen(arch=arch)
     with pytest.raises(ValueError, match="matches no module"):
         SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.7.attention.key",)))
     with pytest.raises(ValueError, match="unknown module name"):
         SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.0.attention.gate",)))
     with pytest.raises(ValueError, match="matches no module"):
         SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.*.mlp.*",)))
+    if arch == "rwkv7":  # RWKV-7's channel mix has no receptance (RWKV-4's has)
+        with pytest.raises(ValueError, match=r"matches no module.*feed_forward\.\{key,value\}"):
+            SyntheticGradientGenerator(model, GeneratorConfig(targets=("blocks.0.feed_forward.receptance",)))
     with pytest.raises(ValueError, match="rank"):
         GeneratorConfig(rank=0)
     with pytest.raises(ValueError, match="at least one module"):
@@ -222,9 +251,12 @@ def test_bad_inputs():
         gen(model, _ids(2, 3), mask)
     with pytest.raises(ValueError, match="shape of prompt_ids"):
         gen(model, _ids(2, 3), torch.ones(2, 4, dtype=torch.bool))
-    other = _frozen(hidden_size=16)
+    other = _frozen(arch=arch, hidden_size=16)
     with pytest.raises(ValueError, match="one model shape"):
         gen(other, _ids(2, 3))
+    # nor the other architecture
+    with pytest.raises(ValueError, match="one model shape"):
+        gen(_frozen(arch=next(a for a in ARCHS if a != arch)), _ids(2, 3))
 
 
 def test_config_round_trip():
@@ -237,10 +269,10 @@ def test_config_round_trip():
         GeneratorConfig.from_dict({"rnak": 3})
 
 
-def test_rank_components_are_distinct():
+def test_rank_components_are_distinct(arch):
     """The r pooled components start different (random pooling vectors), so the delta
     can use its whole rank: with equal pools they would stay equal through training."""
-    model = _frozen()
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=3, hidden_size=8))
     with torch.no_grad():
         for head in gen.heads.values():
@@ -251,11 +283,11 @@ def test_rank_components_are_distinct():
         assert torch.linalg.matrix_rank(V[0].double()) == 3, name
 
 
-def test_copy_term_adds_the_head_rows_of_the_pooled_prompt_tokens():
+def test_copy_term_adds_the_head_rows_of_the_pooled_prompt_tokens(arch):
     """With D = 0 and uniform pooling, U's columns are g times the mean LM-head row of the
     prompt's real tokens (attention.output and feed_forward.value only: the targets whose
     output is the residual stream the head reads); the other targets have no copy term."""
-    model = _frozen()
+    model = _frozen(arch=arch)
     gen = SyntheticGradientGenerator(model, GeneratorConfig(targets=ALL, rank=3, hidden_size=8))
     ids = _ids(2, 6)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -267,7 +299,9 @@ def test_copy_term_adds_the_head_rows_of_the_pooled_prompt_tokens():
                 head.copy_gain.fill_(2.0)
         delta = gen(model, ids, mask)
     residual = {n for n in gen.targets if n.endswith(("attention.output", "feed_forward.value"))}
-    assert len(residual) == 6
+    assert len(residual) == 2 * model.config.num_hidden_layers  # 6 for RWKV-4
+    # the model's own word for it (what the generator reads)
+    assert {n for n in gen.targets if model.writes_residual(n)} == residual
     for name, head in zip(gen.targets, gen.heads.values()):
         U, _ = delta.factors[name]
         assert (head.copy_gain is not None) == (name in residual), name

@@ -217,11 +217,17 @@ def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
     # --threads 0: the CLI must not change this test process's thread count
     small = ["--stage-length", "3", "--ramble-length", "3", "--max-stages", "3", "--no-progress", "--threads", "0"]
     assert main(["demo", "--base", str(base), "--out", str(tmp_path / "demo"), "--steps", "2", "--n", "4",
-                 "--batch-size", "2", "--rank", "2", "--hidden-size", "8"] + small) == 0
+                 "--batch-size", "2", "--rank", "2", "--hidden-size", "8", "--tg-lr", "0.1"] + small) == 0
     for name in ("report.json", "report.md", "forgetting.png"):
         assert (tmp_path / "demo" / name).is_file(), name
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert set(report["methods"]) == {"baseline", "repeat_prompt", "prosg"}
+    assert set(report["methods"]) == {"baseline", "repeat_prompt", "prosg", "true_gradient"}
+    assert report["true_gradient"]["true_gradient"] == {**report["true_gradient"]["true_gradient"], "lr": 0.1,
+                                                        "tuned": False, "steps": 1, "rank": 4}
+    for name, m in report["methods"].items():
+        assert m["cost"]["prompt_tokens"] > 0 and m["cost"]["seconds"] >= 0
+        assert (m["cost"]["delta_ms_per_prompt"] > 0) == (name in ("prosg", "true_gradient")), name
+    assert "| true_gradient | " in (tmp_path / "demo" / "report.md").read_text()
     assert report["test_seeds"] == [1, 2, 3]
     for m in report["methods"].values():
         # n examples per seed, pooled; each seed's own summary; mean and spread over seeds
@@ -247,6 +253,10 @@ def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
                   "--methods", "baseline", "--threads", "0"])
     with pytest.raises(SystemExit, match="must not include 0, the training seed"):
         main(["demo", "--base", str(base), "--out", str(tmp_path / "d2"), "--test-seeds", "0,1"] + small)
+    with pytest.raises(SystemExit, match="--arch .* or --base, not both"):
+        main(["demo", "--arch", "rwkv7", "--base", str(base), "--out", str(tmp_path / "d3")] + small)
+    with pytest.raises(SystemExit, match="no bundled base model 'nope'"):
+        main(["eval", "--base", "bundled:nope", "--out", str(tmp_path / "e4"), "--methods", "baseline"] + small)
 
 
 def test_cli_train_defaults_to_the_bundled_base_and_its_task(tmp_path):

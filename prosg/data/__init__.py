@@ -16,6 +16,7 @@ from prosg.data.hf import PairEncoder, load_pairs, load_tokenizer
 from prosg.data.jsonl import JSONLError, read_jsonl, write_jsonl
 from prosg.data.multistage import (
     OPS,
+    SETTINGS,
     Example,
     MultiStageConfig,
     Stage,
@@ -31,6 +32,8 @@ from prosg.data.multistage import (
     parse_prompt,
     prompt_is_tagged,
     save_examples,
+    setting,
+    setting_name,
     stage_lengths,
     summarize,
     verify,
@@ -40,6 +43,7 @@ from prosg.data.vocab import VOCAB, SymbolTokenizer, UnknownTokenError, benchmar
 __all__ = [
     "IGNORE_INDEX",
     "OPS",
+    "SETTINGS",
     "VOCAB",
     "Batch",
     "Collator",
@@ -68,6 +72,8 @@ __all__ = [
     "prompt_is_tagged",
     "read_jsonl",
     "save_examples",
+    "setting",
+    "setting_name",
     "stage_lengths",
     "summarize",
     "verify",

@@ -379,6 +379,41 @@ class MultiStageConfig:
         return cls(**d)
 
 
+#: Named settings of the benchmark (docs/benchmark.md): each is one MultiStageConfig,
+#: the single description of a setting; ``--setting NAME`` of ``prosg pretrain``,
+#: ``train``, ``eval`` and ``demo`` picks one (field flags then override its fields).
+SETTINGS: dict[str, MultiStageConfig] = {
+    # 3-4 stages of 12 tokens and a 48-token ramble: later stages start 20-100 tokens
+    # after the prompt (the setting of the first bundled base model)
+    "standard": MultiStageConfig(min_stages=3, max_stages=4, stage_length=12, ramble_length=48, max_pattern=3,
+                                 max_step=2),
+    # RWKV-4's setting (docs/base_model.md): one or two more stages and a ramble twice as
+    # long, so later stages start 40-150 tokens after the prompt and five instructions
+    # share the state; no ``count`` (its modular arithmetic fails at distance 0 too: a
+    # skill, not a memory, test)
+    "long": MultiStageConfig(min_stages=4, max_stages=5, stage_length=12, ramble_length=96,
+                             ops=("repeat", "alternate", "bounce", "letters", "ramble"), max_pattern=3, max_step=2),
+    # RWKV-7's setting: its matrix state keeps an instruction over any ramble measured
+    # (no loss from 48 to 384-token rambles) and kept 12 of them nearly as well as one
+    # (docs/base_model.md), so it is loaded with instructions instead: 12-16 stages of
+    # 6 tokens, short rambles
+    "many": MultiStageConfig(min_stages=12, max_stages=16, stage_length=6, ramble_length=12,
+                             ops=("repeat", "alternate", "bounce", "letters", "ramble"), max_pattern=3, max_step=2),
+}
+
+
+def setting(name: str) -> MultiStageConfig:
+    """The named setting ``name`` (ValueError listing the names otherwise)."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown benchmark setting {name!r}; known: {', '.join(SETTINGS)}")
+    return SETTINGS[name]
+
+
+def setting_name(config: MultiStageConfig) -> str | None:
+    """The name of the setting ``config`` is, or None."""
+    return next((n for n, c in SETTINGS.items() if c == config), None)
+
+
 # --------------------------------------------------------------------------- examples
 
 

@@ -73,7 +73,11 @@ def _load_base(path: str | None):
         from prosg.method.pretrain import TRAIN_CONFIG_FILE, load_base_model
     except ImportError:
         load_base_model, TRAIN_CONFIG_FILE = None, None
-    if path and (load_base_model is None or not (Path(path) / TRAIN_CONFIG_FILE).is_file()):
+    from prosg.method.pretrain import bundled_name
+
+    with usage_errors():
+        bundled = bundled_name(path)
+    if bundled is None and (load_base_model is None or not (Path(path) / TRAIN_CONFIG_FILE).is_file()):
         return load_model(path), None  # the class from config.json's model_type
     if load_base_model is None:
         raise CLIError("no --base given and the bundled base model is not available in this install", 1)
@@ -121,7 +125,17 @@ def base_for(generator: str | None, base: str | None) -> str | None:
     from prosg.method.pretrained import read_config
 
     hint = (read_config(generator) or {}).get("base_path")
-    return hint if hint and hint != "bundled" and Path(hint).is_dir() else None
+    if hint and hint.startswith("bundled"):
+        return hint
+    return hint if hint and Path(hint).is_dir() else None
+
+
+def _base_path(base: str | None) -> str:
+    """What a generator records of its base: an absolute directory or ``bundled:NAME``."""
+    from prosg.method.pretrain import bundled_name
+
+    name = bundled_name(base)
+    return f"bundled:{name}" if name is not None else str(Path(base).resolve())
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -138,7 +152,12 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from prosg.data import SETTINGS
+
     g = p.add_argument_group("benchmark data (docs/benchmark.md)")
+    g.add_argument("--setting", choices=tuple(SETTINGS), default=None,
+                   help="a named benchmark setting (default: the one the base model or generator was trained on); "
+                        "the flags below override its fields")
     g.add_argument("--min-stages", type=positive_int, default=None, help="fewest stages per prompt")
     g.add_argument("--max-stages", type=positive_int, default=None, help="most stages per prompt")
     g.add_argument("--stage-length", type=positive_int, default=None, help="tokens per instruction span")
@@ -155,17 +174,20 @@ def _data_fields(args: argparse.Namespace) -> dict:
 def _benchmark(base: dict, args: argparse.Namespace):
     """The benchmark of ``base``'s fields with the flags' overrides (validated: a
     usage error when they do not fit together)."""
-    from prosg.data import MultiStageConfig
+    from prosg.data import MultiStageConfig, setting
 
     with usage_errors():
+        if getattr(args, "setting", None):
+            base = setting(args.setting).to_dict()
         return MultiStageConfig.from_dict({**base, **_data_fields(args)})
 
 
-def config_flags(group, config_cls, names: tuple[str, ...] | None = None) -> None:
+def config_flags(group, config_cls, names: tuple[str, ...] | None = None, prefix: str = "") -> None:
     """One flag per field of the dataclass ``config_cls`` (or of those in ``names``):
-    ``--field-name`` with the field's default, its metadata's help and choices, a
+    ``--<prefix>field-name`` with the field's default, its metadata's help and choices, a
     number type bounded by its metadata's "min", booleans as --x/--no-x, tuples of
-    names as comma-separated lists. Defaults and help have this one source."""
+    names as comma-separated lists; a None default takes a number. Defaults and help
+    have this one source."""
     for f in dataclasses.fields(config_cls):
         if names is not None and f.name not in names:
             continue
@@ -178,20 +200,24 @@ def config_flags(group, config_cls, names: tuple[str, ...] | None = None) -> Non
             kw["default"] = ",".join(default)
         elif isinstance(default, (int, float)):
             kw["type"] = _number(type(default), meta.get("min"), above=meta.get("above", False))
+        elif default is None and "type" in meta:
+            kw["type"] = meta["type"]
         if "choices" in meta:
             kw["choices"] = meta["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+        group.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix.replace("-", "_") + f.name, **kw)
 
 
-def config_flag_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] | None = None) -> dict:
+def config_flag_values(args: argparse.Namespace, config_cls, names: tuple[str, ...] | None = None,
+                       prefix: str = "") -> dict:
     """The parsed values of :func:`config_flags`' flags, by field name (comma lists
     as tuples of distinct names)."""
     values = {}
     for f in dataclasses.fields(config_cls):
-        if (names is None or f.name in names) and hasattr(args, f.name):
-            value = getattr(args, f.name)
+        dest = prefix.replace("-", "_") + f.name
+        if (names is None or f.name in names) and hasattr(args, dest):
+            value = getattr(args, dest)
             if isinstance(f.default, tuple):
-                value = _names(value, "--" + f.name.replace("_", "-"))
+                value = _names(value, "--" + prefix + f.name.replace("_", "-"))
             values[f.name] = value
     return values
 
@@ -206,6 +232,23 @@ def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
                 "filler_loss", "seed", "data_seed", "max_length", "truncate", "chunk_length", "precision",
                 "checkpointing")
+
+
+#: The true-gradient fields with a flag (each row fixes its own ``steps``).
+_TG_FLAGS = ("lr", "multi_steps", "rank", "targets")
+
+
+def _add_true_gradient_args(p: argparse.ArgumentParser) -> None:
+    from prosg.method.true_gradient import TrueGradientConfig
+
+    config_flags(p.add_argument_group("true_gradient baseline"), TrueGradientConfig, _TG_FLAGS, prefix="tg-")
+
+
+def _true_gradient_config(args: argparse.Namespace):
+    from prosg.method.true_gradient import TrueGradientConfig
+
+    with usage_errors():
+        return TrueGradientConfig(**config_flag_values(args, TrueGradientConfig, _TG_FLAGS, prefix="tg-"))
 
 
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
@@ -301,7 +344,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train(model, config, args.out, resume=args.resume, overwrite=args.overwrite,
                        device=args.device or None, save_every=args.save_every, log_every=args.log_every,
                        progress=not args.no_progress, pairs=pairs, tokenizer=tokenizer,
-                       base_path=str(Path(args.base).resolve()) if args.base else "bundled")
+                       base_path=_base_path(args.base))
     hist = result["history"]
     if hist:
         print(f"trained {result['final_step']} steps: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
@@ -330,7 +373,8 @@ def _eval(args: argparse.Namespace) -> int:
     from prosg.method.train import generator_from_checkpoint, read_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, benchmark = _load_base(base_for(args.generator, args.base))
+    base = base_for(args.generator, args.base)
+    model, benchmark = _load_base(base)
     model = model.to(args.device or "cpu")
     generator = None
     data = benchmark.to_dict() if benchmark is not None else {}
@@ -347,19 +391,27 @@ def _eval(args: argparse.Namespace) -> int:
     n = args.n if args.n is not None else 200
     with locked(out), console_logging():
         _refuse_report(out, args)  # again, now that no other process can write one
+        info = {"base_model": _base_path(base), "generator": args.generator,
+                "examples_per_seed": n, "test_seeds": seeds, "benchmark": bench.to_dict()}
         results, per_seed = run_seeds(model, bench, seeds, n, generator, methods, batch_size=args.batch_size,
-                                      progress=not args.no_progress)
-        write_report(out, results, {"base_model": args.base or "bundled", "generator": args.generator,
-                                    "examples_per_seed": n, "test_seeds": seeds, "benchmark": bench.to_dict()},
-                     per_seed)
+                                      progress=not args.no_progress, true_gradient=_true_gradient_config(args),
+                                      info=info)
+        write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.arch is not None:
+        if args.base is not None:
+            raise CLIError("demo: give --arch (a bundled base) or --base, not both")
+        args.base = f"bundled:{args.arch}"
     seeds = _seeds(args.test_seeds, "--test-seeds")
     if 0 in seeds:
         raise CLIError("demo: --test-seeds must not include 0, the training seed")
+    methods = _methods(args.methods or ("baseline,repeat_prompt,prosg" if args.quick
+                                         else "baseline,repeat_prompt,prosg,true_gradient"))
+    tg = _true_gradient_config(args)
     generator = _generator_fields(args)
     out = Path(args.out)
     _refuse_report(out, args)
@@ -390,16 +442,16 @@ def _demo(args: argparse.Namespace) -> int:
         result = train(model, config, out / "generator", resume=args.resume, overwrite=args.overwrite,
                        device=args.device, save_every=max(steps // 4, 1), log_every=max(steps // 20, 1),
                        progress=not args.no_progress,
-                       base_path=str(Path(args.base).resolve()) if args.base else "bundled")
+                       base_path=_base_path(args.base))
         train_s = time.perf_counter() - t0
-        results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], batch_size=32,
-                                      progress=not args.no_progress)
         hist = result["history"]
-        info = {"base_model": args.base or "bundled", "generator": str(out / "generator"),
+        info = {"base_model": _base_path(args.base), "generator": str(out / "generator"),
                 "examples_per_seed": n, "test_seeds": seeds, "benchmark": benchmark.to_dict(),
                 "train": {"steps": steps, "config": json.loads(config.to_json()), "seconds": round(train_s, 1),
-                          "first": hist[0] if hist else None, "last": hist[-1] if hist else None},
-                "seconds": round(time.perf_counter() - t0, 1)}
+                          "first": hist[0] if hist else None, "last": hist[-1] if hist else None}}
+        results, per_seed = run_seeds(model, benchmark, seeds, n, result["generator"], methods, batch_size=32,
+                                      progress=not args.no_progress, true_gradient=tg, info=info)
+        info["seconds"] = round(time.perf_counter() - t0, 1)
         write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
     return 0
@@ -553,7 +605,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Trains the ProSG generator (docs/method.md) with the LM loss on benchmark "
                                    "responses under the generated delta. Single process, or torchrun for "
                                    "several GPUs (DistributedDataParallel).")
-    p.add_argument("--base", default=None, help="base model directory (transformers layout); default: the bundled one")
+    p.add_argument("--base", default=None, help="base model directory (transformers or fla layout) or bundled:NAME (rwkv4, rwkv7, rwkv4_tbptt); default: the bundled rwkv4")
     p.add_argument("--out", required=True, help="output directory (checkpoint, generator, log)")
     add_replace_args(p, "continue from OUT/checkpoint.safetensors if present")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
@@ -573,7 +625,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="compliance of baseline / repeat_prompt / prosg on held-out prompts",
                        description="Greedy responses on held-out benchmark prompts, scored per stage; writes "
                                    "OUT/report.json (methods.<name>.by_stage, .overall), report.md, forgetting.png.")
-    e.add_argument("--base", default=None, help="base model directory; default: the bundled one")
+    e.add_argument("--base", default=None, help="base model directory or bundled:NAME; default: the one the generator records, else the bundled one")
     e.add_argument("--generator", default=None, help="a trained generator (OUT/generator.safetensors of prosg train)")
     e.add_argument("--out", required=True, help="report directory")
     add_replace_args(e)
@@ -585,7 +637,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-length", type=nonneg_int, default=0, help="with --data: refuse longer examples (0: none)")
     e.add_argument("--max-new-tokens", type=nonneg_int, default=0,
                    help="with --verifier: tokens generated per response (0: the reference's length + 8)")
-    e.add_argument("--methods", default="baseline,repeat_prompt,prosg")
+    e.add_argument("--methods", default="baseline,repeat_prompt,prosg",
+                   help="comma-separated, of baseline, repeat_prompt, prosg, true_gradient, true_gradient_multi "
+                        "(default: %(default)s)")
+    _add_true_gradient_args(e)
     e.add_argument("--n", type=positive_int, default=None,
                    help="held-out examples per seed (default 200; with --data: the first n lines, default all)")
     e.add_argument("--seeds", default="1,2,3",
@@ -604,11 +659,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "report.md and forgetting.png (about 5 minutes on one CPU thread; --quick: about a minute).")
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="300 steps and 3 x 64 held-out prompts (about a minute on one thread)")
-    d.add_argument("--base", default=None, help="base model directory; default: the bundled one")
+    d.add_argument("--arch", choices=("rwkv4", "rwkv7"), default=None,
+                   help="which bundled base model (default: the bundled default, docs/results.md says why)")
+    d.add_argument("--base", default=None, help="base model directory or bundled:NAME; default: the bundled one")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default 2000; --quick 300)")
     d.add_argument("--n", type=positive_int, default=None, help="held-out examples per seed (default 200; --quick 64)")
     _add_training_args(d, ("batch_size", "lr", "filler_loss", "seed"))
     _add_generator_args(d)
+    d.add_argument("--methods", default=None,
+                   help="comma-separated, of baseline, repeat_prompt, prosg, true_gradient, true_gradient_multi "
+                        "(default: baseline,repeat_prompt,prosg,true_gradient; --quick: without true_gradient)")
+    _add_true_gradient_args(d)
     d.add_argument("--test-seeds", default="1,2,3",
                    help="benchmark seeds of the held-out prompts, n each (default: %(default)s; training uses seed 0)")
     d.add_argument("--device", default=None)

@@ -11,10 +11,21 @@ Methods (all greedy, scored by the benchmark's exact verifiers through
   forgetting.
 * ``prosg``: the base model with the trained generator's delta, applied from the
   prompt's last token on (the convention training uses too).
+* ``true_gradient`` / ``true_gradient_multi``: what ProSG approximates, done for real
+  (:mod:`prosg.method.true_gradient`): one (or ``TrueGradientConfig.multi_steps``)
+  step(s) against each prompt's own LM-loss gradient, truncated to rank r, applied like
+  ProSG's delta; the step size is tuned on seed-0 examples (never a test seed).
+
+Each method's cost is measured beside its scores (``cost`` in the report):
+``delta_ms_per_prompt`` (wall time of producing the delta, per prompt: one generator
+forward for ProSG, the backward passes and SVDs for the true gradient),
+``prompt_tokens`` (mean tokens the model reads before responding; repeat_prompt doubles
+them) and ``seconds`` (the whole evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,12 +37,17 @@ import torch
 from prosg.data import Example, MultiStageConfig, generate_examples
 from prosg.method.evaluation import EvalResult, aggregate, evaluate, format_result, repeat_prompt
 from prosg.method.generator import SyntheticGradientGenerator
+from prosg.method.true_gradient import TrueGradientConfig, true_gradient_delta_fn, tune_lr
 from prosg.method.outputs import atomic_write, atomic_write_text
 from prosg.models.protocol import RecurrentLM
 
 log = logging.getLogger("prosg.demo")
 
-METHODS = ("baseline", "repeat_prompt", "prosg")
+METHODS = ("baseline", "repeat_prompt", "prosg", "true_gradient", "true_gradient_multi")
+#: What the report shows when no --methods are given.
+DEFAULT_METHODS = ("baseline", "repeat_prompt", "prosg")
+#: Examples of seed 0 the true gradient's step size is tuned on.
+TUNE_EXAMPLES = 64
 #: What :func:`write_report` writes: their presence means the folder holds a report.
 REPORT_FILES = ("report.json", "report.md", "forgetting.png")
 
@@ -46,10 +62,56 @@ def prosg_delta_fn(model: RecurrentLM, generator: SyntheticGradientGenerator):
     return delta_fn
 
 
+def _timed(delta_fn, cost: dict):
+    """``delta_fn`` that adds its wall time and prompt count to ``cost``."""
+
+    def timed(batch):
+        t0 = time.perf_counter()
+        delta = delta_fn(batch)
+        cost["delta_seconds"] += time.perf_counter() - t0
+        cost["prompts"] += len(batch)
+        return delta
+
+    return timed
+
+
+def true_gradient_configs(config: TrueGradientConfig, methods: tuple[str, ...]) -> dict[str, TrueGradientConfig]:
+    """The config of each true-gradient row in ``methods`` (``true_gradient_multi``: ``multi_steps`` steps)."""
+    out = {}
+    if "true_gradient" in methods:
+        out["true_gradient"] = dataclasses.replace(config, steps=1)
+    if "true_gradient_multi" in methods:
+        out["true_gradient_multi"] = dataclasses.replace(config, steps=config.multi_steps)
+    return out
+
+
+def tune_true_gradient(model: RecurrentLM, benchmark: MultiStageConfig, configs: dict[str, TrueGradientConfig],
+                       n: int = TUNE_EXAMPLES) -> dict[str, dict]:
+    """Each true-gradient row's tuned step size (on ``n`` examples of seed 0, the
+    training seed) and the scores of every step size tried; a row whose ``lr`` is set
+    is kept as it is."""
+    tuning = held_out(benchmark, n, 0)
+    out = {}
+    for name, cfg in configs.items():
+        if cfg.lr is not None:
+            out[name] = {"lr": cfg.lr, "tuned": False}
+            continue
+        t0 = time.perf_counter()
+        lr, rows = tune_lr(model, tuning, cfg)
+        configs[name] = dataclasses.replace(cfg, lr=lr)
+        out[name] = {"lr": lr, "tuned": True, "seed": 0, "examples": n, "grid": rows,
+                     "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("%s: step size %g (last stage %.3f on %d seed-0 examples, %.0f s)", name, lr,
+                 max(r["last_stage"] or 0.0 for r in rows), n, time.perf_counter() - t0)
+    return out
+
+
 def run_methods(model: RecurrentLM, examples: list[Example], generator: SyntheticGradientGenerator | None,
-                methods: tuple[str, ...] = METHODS, *, batch_size: int = 32,
-                progress: bool = False) -> dict[str, EvalResult]:
-    """Each method's :class:`EvalResult` on ``examples``."""
+                methods: tuple[str, ...] = DEFAULT_METHODS, *, batch_size: int = 32, progress: bool = False,
+                true_gradient: dict[str, TrueGradientConfig] | None = None) -> dict[str, EvalResult]:
+    """Each method's :class:`EvalResult` on ``examples`` (with its ``cost``).
+    ``true_gradient``: the config of each true-gradient row (:func:`true_gradient_configs`,
+    step sizes set)."""
     if not methods:
         raise ValueError(f"no method to evaluate; choose from {list(METHODS)}")
     if len(set(methods)) != len(methods):
@@ -63,30 +125,60 @@ def run_methods(model: RecurrentLM, examples: list[Example], generator: Syntheti
     for name in methods:
         t0 = time.perf_counter()
         kwargs = {}
+        cost = {"delta_seconds": 0.0, "prompts": 0}
         if name == "repeat_prompt":
             kwargs["prompt_fn"] = repeat_prompt
         elif name == "prosg":
             generator.eval()
-            kwargs["delta_fn"] = prosg_delta_fn(model, generator)
-        results[name] = evaluate(model, examples, batch_size=batch_size, progress=progress, **kwargs)
+            kwargs["delta_fn"] = _timed(prosg_delta_fn(model, generator), cost)
+        elif name.startswith("true_gradient"):
+            cfg = (true_gradient or {}).get(name)
+            if cfg is None or cfg.lr is None:
+                raise ValueError(f"method {name!r} needs its TrueGradientConfig with a step size (tune_true_gradient)")
+            kwargs["delta_fn"] = _timed(true_gradient_delta_fn(model, cfg), cost)
+        result = evaluate(model, examples, batch_size=batch_size, progress=progress, **kwargs)
+        result.cost = _cost(result, cost, time.perf_counter() - t0)
+        results[name] = result
         log.info("%s: stage compliance %.3f (%.1f s)", name, results[name].overall["compliance"] or 0.0,
                  time.perf_counter() - t0)
     return results
 
 
+def _cost(result: EvalResult, cost: dict, seconds: float) -> dict:
+    from prosg.data.vocab import benchmark_tokenizer
+
+    tok = benchmark_tokenizer()
+    prompts = [len(tok.encode(r.model_prompt)) for r in result.records]
+    return {"delta_ms_per_prompt": 1000 * cost["delta_seconds"] / cost["prompts"] if cost["prompts"] else 0.0,
+            "prompt_tokens": sum(prompts) / len(prompts), "seconds": round(seconds, 2),
+            "threads": torch.get_num_threads()}
+
+
 def run_seeds(model: RecurrentLM, benchmark: MultiStageConfig, seeds: list[int], n: int,
-              generator: SyntheticGradientGenerator | None, methods: tuple[str, ...] = METHODS, *,
-              batch_size: int = 32, progress: bool = False
+              generator: SyntheticGradientGenerator | None, methods: tuple[str, ...] = DEFAULT_METHODS, *,
+              batch_size: int = 32, progress: bool = False, true_gradient: TrueGradientConfig | None = None,
+              info: dict | None = None
               ) -> tuple[dict[str, EvalResult], dict[int, dict[str, EvalResult]]]:
     """Each method on ``n`` held-out examples of every benchmark seed in ``seeds`` (the
-    same prompts for every method): the results pooled over the seeds, and per seed."""
+    same prompts for every method): the results pooled over the seeds, and per seed.
+    True-gradient rows are tuned first (:func:`tune_true_gradient`; what was chosen goes
+    to ``info["true_gradient"]`` when ``info`` is given)."""
     if not seeds:
         raise ValueError("run_seeds: at least one seed is needed")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"run_seeds: n (examples per seed) must be an int >= 1, got {n!r}")
+    tg = true_gradient_configs(true_gradient or TrueGradientConfig(), methods)
+    if tg:
+        tuned = tune_true_gradient(model, benchmark, tg)
+        if info is not None:
+            info["true_gradient"] = {name: {**dataclasses.asdict(tg[name]), **tuned[name]} for name in tg}
     per_seed = {seed: run_methods(model, held_out(benchmark, n, seed), generator, methods,
-                                  batch_size=batch_size, progress=progress) for seed in seeds}
-    pooled = {m: aggregate([r for seed in seeds for r in per_seed[seed][m].records]) for m in methods}
+                                  batch_size=batch_size, progress=progress, true_gradient=tg) for seed in seeds}
+    pooled = {}
+    for m in methods:
+        pooled[m] = aggregate([r for seed in seeds for r in per_seed[seed][m].records])
+        costs = [per_seed[seed][m].cost for seed in seeds]
+        pooled[m].cost = {k: sum(c[k] for c in costs) / len(costs) for k in costs[0]}
     return pooled, per_seed
 
 
@@ -170,6 +262,19 @@ def write_report(out: str | Path, results: dict[str, EvalResult], info: dict,
             sp = report["methods"][name]["spread"]
             cells = [_pm(st) for st in sp["by_stage"]] + ["-"] * (stages - len(sp["by_stage"]))
             lines.append(f"| {name} | {_pm(sp['overall'])} | " + " | ".join(cells) + f" | {_pm(sp['last_stage'])} |")
+    if any(r.cost for r in results.values()):
+        lines += ["", "Cost per prompt (wall time on this machine, "
+                      f"{next(r.cost for r in results.values() if r.cost)['threads']} torch thread(s)):", "",
+                  "| method | delta ms / prompt | prompt tokens read | evaluation s |", "|---|---|---|---|"]
+        for name in names:
+            c = results[name].cost
+            if c:
+                lines.append(f"| {name} | {c['delta_ms_per_prompt']:.2f} | {c['prompt_tokens']:.1f} | {c['seconds']:.1f} |")
+    tg = info.get("true_gradient")
+    if tg:
+        lines += [""] + [f"- {name}: {cfg['steps']} step(s) of size {cfg['lr']:g}"
+                         + (f" (tuned on {cfg['examples']} seed-0 examples)" if cfg.get("tuned") else "")
+                         + f", rank {cfg['rank']}" for name, cfg in tg.items()]
     lines += ["", "Token accuracy by stage position:", "",
               "| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(stages)) + " |",
               "|---" * (stages + 2) + "|"]

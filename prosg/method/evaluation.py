@@ -106,11 +106,16 @@ class EvalResult:
     by_distance: list[dict]
     by_op: dict[str, dict]
     records: list[EvalRecord] = field(repr=False)
+    #: What producing the responses cost (set by :func:`prosg.method.demo.run_methods`).
+    cost: dict | None = None
 
     def summary(self) -> dict:
         """Everything but the per-example records."""
-        return {"overall": self.overall, "by_stage": self.by_stage, "last_stage": self.last_stage,
-                "by_distance": self.by_distance, "by_op": self.by_op}
+        out = {"overall": self.overall, "by_stage": self.by_stage, "last_stage": self.last_stage,
+               "by_distance": self.by_distance, "by_op": self.by_op}
+        if self.cost is not None:
+            out["cost"] = self.cost
+        return out
 
     def to_dict(self) -> dict:
         return {**self.summary(), "records": [r.to_dict() for r in self.records]}

@@ -38,8 +38,8 @@ from prosg.models import Delta
 from prosg.models.protocol import LayerInputs, RecurrentLM
 from prosg.models.state import parse_delta_name
 
-#: Default targets: all seven projection matrices of every layer (docs/results.md
-#: compares subsets).
+#: Default targets: every projection matrix of every layer (7 on RWKV-4, 6 on RWKV-7;
+#: docs/method.md lists them, docs/results.md compares subsets).
 DEFAULT_TARGETS = ("blocks.*.attention.*", "blocks.*.feed_forward.*")
 
 @dataclass
@@ -299,7 +299,7 @@ class _TargetHead(nn.Module):
 
 
 class SyntheticGradientGenerator(nn.Module):
-    """Predicts a per-prompt low-rank delta (a synthetic gradient) for a frozen RWKV-4.
+    """Predicts a per-prompt low-rank delta (a synthetic gradient) for a frozen RWKV-4 or RWKV-7.
 
     ``generator(model, prompt_ids, prompt_mask) -> Delta`` with ``U [B, Dout, r]``,
     ``V [B, Din, r]`` for every target; pass it to ``model(ids, delta=...)`` or

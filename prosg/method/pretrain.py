@@ -1,12 +1,16 @@
-"""Pretraining the tiny RWKV-4 base model of the forgetting benchmark.
+"""Pretraining the tiny base models of the forgetting benchmark (RWKV-4 and RWKV-7).
 
-The base model is what ProSG is applied to: an RWKV-4 trained from scratch, by teacher
-forcing, on the multi-stage benchmark (docs/benchmark.md), that learns to carry out
-the instruction due right after the prompt but loses the later ones as the response
-grows: truncated back-propagation through time (``bptt``) never teaches it to hold
-anything longer than ``bptt`` tokens. ``prosg pretrain --seed 0 --out DIR`` rebuilds
-the bundled model (``prosg/assets/base_model``, loaded by :func:`load_base_model`);
-docs/base_model.md records how it was trained and what it scores.
+A base model is what ProSG is applied to: an RWKV-4 or RWKV-7 trained from scratch, by
+teacher forcing, on the multi-stage benchmark (docs/benchmark.md). The bundled
+``rwkv4`` and ``rwkv7`` bases are trained with full back-propagation through each whole
+example (``bptt=0``): every gradient that could teach them to keep an instruction to
+its stage is there, and what they still forget, they forget because a fixed-size state
+written by every token cannot hold five instructions over a long response. The
+``rwkv4_tbptt`` control was trained with 32-token truncated back-propagation instead
+(its forgetting is induced: no gradient ever reached back further). ``prosg pretrain
+--arch rwkv4|rwkv7 --setting long --out DIR`` rebuilds one (the exact command of each
+is in its ``train_config.json``); :func:`load_base_model` loads them, and
+docs/base_model.md records how each was trained and what it scores.
 
 Determinism: the weights are initialised after ``torch.manual_seed(seed)``, and the
 training examples of step ``s`` are examples ``s*B .. (s+1)*B-1`` of the benchmark's
@@ -34,19 +38,27 @@ import torch
 import torch.nn.functional as F
 
 from prosg.data.batching import IGNORE_INDEX, Collator
-from prosg.data.multistage import MultiStageConfig, encode_example, generate_examples
+from prosg.data.multistage import SETTINGS, MultiStageConfig, encode_example, generate_examples, setting
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.outputs import atomic_write_text, locked, refuse_existing
 from prosg.method.train import TrainingDiverged, nonfinite
-from prosg.models import RWKV4Config, RWKV4LM
+from prosg.models import RWKV4Config, RWKV4LM, RWKV7Config, RWKV7LM
+from prosg.models.protocol import RecurrentLM
 
-#: The benchmark config the bundled base model is trained and evaluated on. Short
-#: instruction spans keep a CPU run short; the ramble stage (free-form filler) pushes the
-#: later stages 50-100 tokens out, where a small model has lost them.
-BASE_BENCHMARK = MultiStageConfig(min_stages=3, max_stages=4, stage_length=12, ramble_length=48, max_pattern=3,
-                                  max_step=2)
+#: The benchmark setting a base model is trained on by default (``--setting``): the
+#: bundled RWKV-4's.
+BASE_BENCHMARK = SETTINGS["long"]
 
-ASSET_DIR = "base_model"
+#: The architectures ``prosg pretrain`` builds.
+ARCHS = ("rwkv4", "rwkv7")
+#: The base models bundled with prosg (folders of ``prosg/assets``; docs/base_model.md):
+#: ``rwkv4`` and ``rwkv7`` forget naturally (full back-propagation, the ``long``
+#: setting); ``rwkv4_tbptt`` is the control whose forgetting was induced by truncated
+#: back-propagation. ``--base bundled:NAME`` picks one; plain ``bundled`` is
+#: :data:`DEFAULT_BASE`.
+BUNDLED_BASES = ("rwkv4", "rwkv7", "rwkv4_tbptt")
+DEFAULT_BASE = "rwkv4"
+BUNDLED_PREFIX = "bundled"
 TRAIN_CONFIG_FILE = "train_config.json"
 #: What :func:`save_base_model` writes: their presence means the folder holds a model.
 MODEL_FILES = ("config.json", "model.safetensors", TRAIN_CONFIG_FILE)
@@ -56,7 +68,9 @@ MODEL_FILES = ("config.json", "model.safetensors", TRAIN_CONFIG_FILE)
 class PretrainConfig:
     """Everything a pretraining run depends on (written to ``train_config.json``).
 
-    Model: ``hidden_size``, ``num_layers``, ``intermediate_size`` (None: 4x hidden).
+    Model: ``arch`` (``rwkv4``: :class:`RWKV4LM`; ``rwkv7``: :class:`RWKV7LM`, heads of
+    ``head_size``, BlinkDL's x070 initialisation and low-rank widths), ``hidden_size``,
+    ``num_layers``, ``intermediate_size`` (None: 4x hidden).
     Data: ``benchmark`` (the task), ``data_seed`` (benchmark seed of the training
     stream; evaluate on other seeds), ``train_on_prompt`` (also predict prompt tokens:
     they are random draws, so this only adds noise; off by default).
@@ -67,13 +81,12 @@ class PretrainConfig:
     twice (:func:`prosg.method.evaluation.repeat_prompt`), so the "repeat the prompt"
     baseline is evaluated on a format the model knows.
     ``bptt``: truncated back-propagation through time: the sequence runs in chunks of
-    ``bptt`` tokens, each starting from the previous chunk's state *detached* (0: full
-    back-propagation). This is how the base model's forgetting is controlled: the
-    forward pass carries the prompt's information forward without limit, but no
-    gradient ever teaches the model to keep something longer than ``bptt`` tokens, so
-    the first stage (within reach of the prompt) is learnt and the later ones are
-    recalled only as far as memory learnt for near stages happens to last -- the
-    situation of a real RWKV-4 beyond its training context.
+    ``bptt`` tokens, each starting from the previous chunk's state *detached*; 0 (the
+    default): full back-propagation through each whole example. The bundled bases use
+    0, so that what they forget is what their state cannot hold; the ``rwkv4_tbptt``
+    control uses 32: the forward pass carries the prompt forward without limit, but no
+    gradient ever teaches the model to keep something longer than 32 tokens (induced
+    forgetting, docs/base_model.md).
     ``seed``: torch seed of the initialisation. ``threads``: torch CPU threads while
     training (None: leave torch's setting). Default 1: the tensors of a tiny model are
     too small to split well, and on a shared machine two threads that wait on each
@@ -82,12 +95,14 @@ class PretrainConfig:
     """
 
     seed: int = field(default=0, metadata={"help": "torch seed of the initialisation", "min": 0})
+    arch: str = field(default="rwkv4", metadata={"help": "architecture of the base model", "choices": ARCHS})
     data_seed: int = 0
     benchmark: MultiStageConfig = field(default_factory=lambda: BASE_BENCHMARK)
     hidden_size: int = field(default=64, metadata={"help": "model width", "min": 1})
     num_layers: int = field(default=3, metadata={"help": "blocks", "min": 1})
+    head_size: int = field(default=16, metadata={"help": "RWKV-7 head size N (16, 32, 64 or 128)", "min": 1})
     intermediate_size: int | None = None
-    steps: int = field(default=2000, metadata={"help": "optimizer steps", "min": 1})
+    steps: int = field(default=3500, metadata={"help": "optimizer steps", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "examples per step", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)", "min": 0, "above": True})
     min_lr_ratio: float = 0.1
@@ -97,14 +112,16 @@ class PretrainConfig:
     grad_clip: float = 1.0
     train_on_prompt: bool = False
     repeat_prompt_every: int = 8
-    bptt: int = field(default=32, metadata={"help": "truncated BPTT chunk, tokens (0: full back-propagation)", "min": 0})
+    bptt: int = field(default=0, metadata={"help": "truncated BPTT chunk, tokens (0: full back-propagation)", "min": 0})
     threads: int | None = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.benchmark, dict):
             self.benchmark = MultiStageConfig.from_dict(self.benchmark)
         self.betas = tuple(self.betas)
-        for name in ("hidden_size", "num_layers", "steps", "batch_size"):
+        if self.arch not in ARCHS:
+            raise ValueError(f"PretrainConfig.arch must be one of {list(ARCHS)}, got {self.arch!r}")
+        for name in ("hidden_size", "num_layers", "steps", "batch_size", "head_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"PretrainConfig.{name} must be an int >= 1, got {v!r}")
@@ -119,8 +136,20 @@ class PretrainConfig:
         if not self.grad_clip > 0:
             raise ValueError(f"PretrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
 
-    def model_config(self) -> RWKV4Config:
+    def model_config(self) -> RWKV4Config | RWKV7Config:
         tok = benchmark_tokenizer()
+        if self.arch == "rwkv7":
+            C = self.hidden_size
+
+            def lora(factor: float, power: float) -> int:
+                # BlinkDL's x070 training sizes of the w/a/v/g low-rank MLPs (multiples of 32)
+                return max(32, round(factor * C ** power / 32) * 32)
+
+            return RWKV7Config(vocab_size=tok.vocab_size, hidden_size=C, num_hidden_layers=self.num_layers,
+                               head_size=self.head_size, intermediate_size=self.intermediate_size,
+                               decay_low_rank_dim=lora(1.8, 0.5), a_low_rank_dim=lora(1.8, 0.5),
+                               v_low_rank_dim=lora(1.3, 0.5), gate_low_rank_dim=lora(0.6, 0.8),
+                               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
         return RWKV4Config(
             vocab_size=tok.vocab_size,
             hidden_size=self.hidden_size,
@@ -173,7 +202,13 @@ def training_batch(cfg: PretrainConfig, step: int, collator: Collator):
     return collator(pairs)
 
 
-def lm_loss(model: RWKV4LM, batch, bptt: int = 0) -> torch.Tensor:
+def build_model(cfg: PretrainConfig) -> RWKV4LM | RWKV7LM:
+    """A freshly initialised model of ``cfg``'s architecture and shape (torch's RNG)."""
+    config = cfg.model_config()
+    return RWKV7LM(config) if cfg.arch == "rwkv7" else RWKV4LM(config)
+
+
+def lm_loss(model: RecurrentLM, batch, bptt: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (HF convention:
     logits at t-1 predict labels[t]). Right padding: pads only follow real tokens, so
     they never reach the state of a labelled position. ``bptt > 0``: truncated
@@ -199,7 +234,7 @@ def lm_loss(model: RWKV4LM, batch, bptt: int = 0) -> torch.Tensor:
     return total / count
 
 
-def _param_groups(model: RWKV4LM, weight_decay: float) -> list[dict]:
+def _param_groups(model: RecurrentLM, weight_decay: float) -> list[dict]:
     # Decay only the projection/embedding matrices: decaying time_decay, time_first,
     # the mixes or LayerNorm affines would pull them toward meaningless values.
     decay, no_decay = [], []
@@ -209,7 +244,7 @@ def _param_groups(model: RWKV4LM, weight_decay: float) -> list[dict]:
 
 
 def pretrain(cfg: PretrainConfig, *, progress: bool = True, log_every: int = 50,
-             history: list | None = None, callback=None) -> RWKV4LM:
+             history: list | None = None, callback=None) -> RWKV4LM | RWKV7LM:
     """Trains a fresh base model as ``cfg`` says; returns it in eval mode (float32, CPU).
 
     ``history``: when given, ``(step, loss)`` of every step is appended to it.
@@ -224,9 +259,9 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, log_every: int = 50,
         torch.set_num_threads(previous_threads)
 
 
-def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list | None, callback) -> RWKV4LM:
+def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list | None, callback) -> RecurrentLM:
     torch.manual_seed(cfg.seed)
-    model = RWKV4LM(cfg.model_config())
+    model = build_model(cfg)
     model.train()
     tok = benchmark_tokenizer()
     collator = Collator(tok.pad_id, prompt_padding="right", train_on_prompt=cfg.train_on_prompt,
@@ -274,7 +309,43 @@ def _pretrain(cfg: PretrainConfig, progress: bool, log_every: int, history: list
 # --------------------------------------------------------------------------- the bundled model
 
 
-def save_base_model(model: RWKV4LM, cfg: PretrainConfig, out: str | Path, *, extra: dict | None = None) -> Path:
+def pretrain_command(cfg: PretrainConfig, out: str) -> str:
+    """The ``prosg pretrain`` command line that trains ``cfg`` (flags for the fields that
+    differ from the defaults; the benchmark as its setting's name when it is one)."""
+    from prosg.data.multistage import setting_name
+
+    default = PretrainConfig()
+    parts, notes = ["prosg pretrain"], []
+    for name in ("arch", "seed", "hidden_size", "num_layers", "head_size", "steps", "batch_size", "lr", "bptt"):
+        if name == "head_size" and cfg.arch != "rwkv7":
+            continue
+        if getattr(cfg, name) != getattr(default, name) or name == "arch":
+            parts.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}")
+    if cfg.data_seed != cfg.seed:
+        parts.append(f"--data-seed {cfg.data_seed}")
+    if cfg.benchmark != default.benchmark:
+        name = setting_name(cfg.benchmark)
+        if name is not None:
+            parts.append(f"--setting {name}")
+        else:
+            base, want = BASE_BENCHMARK.to_dict(), cfg.benchmark.to_dict()
+            differ = [k for k in want if base[k] != want[k]]
+            parts += [f"--{k.replace('_', '-')} {want[k]}" for k in differ if k in BENCHMARK_FLAGS]
+            unflagged = [k for k in differ if k not in BENCHMARK_FLAGS]
+            if unflagged:
+                notes.append(f"benchmark fields {', '.join(unflagged)}")
+    other = {f.name for f in dataclasses.fields(PretrainConfig)} - {
+        "arch", "seed", "hidden_size", "num_layers", "head_size", "steps", "batch_size", "lr", "bptt", "data_seed",
+        "benchmark", "threads"}
+    changed = sorted(n for n in other if getattr(cfg, n) != getattr(default, n))
+    if changed:
+        notes.append(f"PretrainConfig fields {', '.join(changed)}")
+    command = " ".join(parts + ["--out", out])
+    # fields without a flag: only the recorded PretrainConfig reproduces them
+    return command + (f"  # and {'; '.join(notes)} as recorded" if notes else "")
+
+
+def save_base_model(model: RecurrentLM, cfg: PretrainConfig, out: str | Path, *, extra: dict | None = None) -> Path:
     """Writes ``config.json``, ``model.safetensors`` and ``train_config.json`` to
     ``out``, each file atomically."""
     out = Path(out)
@@ -287,39 +358,62 @@ def save_base_model(model: RWKV4LM, cfg: PretrainConfig, out: str | Path, *, ext
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    record = {"pretrain_config": cfg.to_dict(),
-              "command": f"prosg pretrain --seed {cfg.seed} --out {out.name}"}
+    record = {"pretrain_config": cfg.to_dict(), "command": pretrain_command(cfg, out.name)}
     record.update(extra or {})
     atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def load_base_model(path: str | Path | None = None, *, dtype: torch.dtype | None = None
-                    ) -> tuple[RWKV4LM, MultiStageConfig]:
-    """The bundled base model (or the one saved at ``path`` by ``prosg pretrain``) in
-    eval mode, with the benchmark config it was trained on."""
+def bundled_name(path: str | Path | None) -> str | None:
+    """The bundled base ``path`` names (None, ``"bundled"`` or ``"bundled:NAME"``), or
+    None when it is a directory path. An unknown NAME is a ValueError listing the names."""
     if path is None:
-        with resources.as_file(resources.files("prosg.assets") / ASSET_DIR) as p:
+        return DEFAULT_BASE
+    text = str(path)
+    if text == BUNDLED_PREFIX:
+        return DEFAULT_BASE
+    if not text.startswith(BUNDLED_PREFIX + ":"):
+        return None
+    name = text.split(":", 1)[1]
+    if name not in BUNDLED_BASES:
+        raise ValueError(f"--base {text}: no bundled base model {name!r}; bundled: "
+                         f"{', '.join(f'{BUNDLED_PREFIX}:{n}' for n in BUNDLED_BASES)}")
+    return name
+
+
+def load_base_model(path: str | Path | None = None, *, dtype: torch.dtype | None = None
+                    ) -> tuple[RecurrentLM, MultiStageConfig]:
+    """A bundled base model (``path`` None or ``"bundled"``: :data:`DEFAULT_BASE`;
+    ``"bundled:NAME"``: one of :data:`BUNDLED_BASES`) or the one saved at ``path`` by
+    ``prosg pretrain``, in eval mode, with the benchmark config it was trained on."""
+    name = bundled_name(path)
+    if name is not None:
+        with resources.as_file(resources.files("prosg.assets") / name) as p:
             return _load(Path(p), dtype)
     return _load(Path(path), dtype)
 
 
-def _load(path: Path, dtype: torch.dtype | None) -> tuple[RWKV4LM, MultiStageConfig]:
+def _load(path: Path, dtype: torch.dtype | None) -> tuple[RecurrentLM, MultiStageConfig]:
     record_path = path / TRAIN_CONFIG_FILE
     if not record_path.exists():
         raise FileNotFoundError(f"{path}: no {TRAIN_CONFIG_FILE} (not a model written by `prosg pretrain`)")
     record = json.loads(record_path.read_text())
     cfg = PretrainConfig.from_dict(record["pretrain_config"])
-    model = RWKV4LM.from_pretrained(path, dtype=dtype).eval()
-    return model, cfg.benchmark
+    from prosg.models.loading import load_model
+
+    return load_model(path, dtype=dtype), cfg.benchmark
 
 
 # --------------------------------------------------------------------------- command line
 
 
+#: The benchmark fields ``prosg pretrain`` has a flag for.
+BENCHMARK_FLAGS = ("min_stages", "max_stages", "stage_length", "ramble_length")
+
+
 def _benchmark_from_args(args: argparse.Namespace) -> MultiStageConfig:
-    d = BASE_BENCHMARK.to_dict()
-    for name in ("min_stages", "max_stages", "stage_length", "ramble_length"):
+    d = (setting(args.setting) if args.setting else BASE_BENCHMARK).to_dict()
+    for name in BENCHMARK_FLAGS:
         v = getattr(args, name)
         if v is not None:
             d[name] = v
@@ -329,7 +423,8 @@ def _benchmark_from_args(args: argparse.Namespace) -> MultiStageConfig:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     defaults = PretrainConfig()
     kw = {}
-    for name in ("seed", "data_seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "threads", "bptt"):
+    for name in ("seed", "arch", "data_seed", "hidden_size", "num_layers", "head_size", "steps", "batch_size", "lr",
+                 "threads", "bptt"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -398,17 +493,22 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     from prosg.method.cli import config_flags, add_replace_args, nonneg_int, positive_int
 
     d = PretrainConfig()
-    p = sub.add_parser("pretrain", help="train the tiny RWKV-4 base model of the forgetting benchmark",
-                       description="Train a tiny RWKV-4 from scratch on the multi-stage benchmark "
-                                   "(defaults: the bundled base model; see docs/base_model.md).")
+    p = sub.add_parser("pretrain", help="train a tiny RWKV-4 or RWKV-7 base model of the forgetting benchmark",
+                       description="Train a tiny RWKV-4 or RWKV-7 from scratch on the multi-stage benchmark "
+                                   "(defaults: the bundled RWKV-4; each bundled base's train_config.json records "
+                                   "the command that rebuilds it; see docs/base_model.md).")
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors, train_config.json")
     add_replace_args(p)
-    config_flags(p, PretrainConfig, ("seed", "hidden_size", "num_layers", "steps", "batch_size", "lr", "bptt"))
+    config_flags(p, PretrainConfig, ("seed", "arch", "hidden_size", "num_layers", "head_size", "steps", "batch_size",
+                                     "lr", "bptt"))
     p.add_argument("--data-seed", type=nonneg_int, default=None,
                    help="benchmark seed of the training stream (default: --seed)")
     p.add_argument("--threads", type=nonneg_int, default=d.threads,
                    help="torch CPU threads (0: torch's setting; default: %(default)s, see PretrainConfig)")
     b = BASE_BENCHMARK
+    p.add_argument("--setting", choices=tuple(SETTINGS), default=None,
+                   help="named benchmark setting (docs/benchmark.md; default: standard); the flags below override "
+                        "its fields")
     p.add_argument("--min-stages", type=positive_int, default=None, help=f"default {b.min_stages}")
     p.add_argument("--max-stages", type=positive_int, default=None, help=f"default {b.max_stages}")
     p.add_argument("--stage-length", type=positive_int, default=None, help=f"default {b.stage_length}")
