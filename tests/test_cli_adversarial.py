@@ -46,7 +46,7 @@ def _train_argv(base, out, *extra) -> list[str]:
 
 def _demo_argv(base, out, *extra) -> list[str]:
     return ["demo", "--base", str(base), "--out", str(out), "--steps", "1", "--n", "1", "--test-seeds", "1",
-            "--batch-size", "2", *SMALL, *extra]
+            "--batch-size", "2", "--methods", "baseline,repeat_prompt,prosg", *SMALL, *extra]
 
 
 def _eval_argv(base, out, *extra) -> list[str]:

@@ -458,7 +458,7 @@ def test_demo_without_matplotlib_still_writes_the_reports(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     argv = ["demo", "--base", str(base), "--out", str(out), "--steps", "1", "--n", "2", "--test-seeds", "1",
             "--batch-size", "2", "--rank", "2", "--hidden-size", "8", "--stage-length", "3", "--ramble-length", "3",
-            "--max-stages", "3", "--no-progress", "--threads", "0", "--overwrite"]
+            "--max-stages", "3", "--no-progress", "--threads", "0", "--overwrite", "--tg-lr", "0.1"]
     with caplog.at_level("WARNING"):
         assert main(argv) == 0
     assert json.loads((out / "report.json").read_text())["methods"]["prosg"]["overall"]["examples"] == 2

@@ -653,14 +653,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_data_args(e)
     e.set_defaults(func=_eval)
 
-    d = sub.add_parser("demo", help="the whole method on the bundled base model: train, evaluate, report",
-                       description="Trains the generator on the bundled base model, evaluates baseline, "
-                                   "repeat_prompt and prosg on held-out prompts and writes OUT/report.json, "
-                                   "report.md and forgetting.png (about 5 minutes on one CPU thread; --quick: about a minute).")
+    d = sub.add_parser("demo", help="the whole method on a bundled base model: train, evaluate, report",
+                       description="Trains the generator on a bundled base model, evaluates baseline, "
+                                   "repeat_prompt, prosg and true_gradient on held-out prompts and writes "
+                                   "OUT/report.json, report.md and forgetting.png (about 6 minutes on one CPU thread "
+                                   "on the default base; --quick: about a minute).")
     d.add_argument("--out", default="prosg_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="300 steps and 3 x 64 held-out prompts (about a minute on one thread)")
     d.add_argument("--arch", choices=("rwkv4", "rwkv7"), default=None,
-                   help="which bundled base model (default: the bundled default, docs/results.md says why)")
+                   help="run on the naturally forgetting bundled base of this architecture (bundled:rwkv4, "
+                        "bundled:rwkv7); default: the induced-forgetting control bundled:rwkv4_tbptt, the one base "
+                        "with an established ProSG gain (docs/results.md)")
     d.add_argument("--base", default=None, help="base model directory or bundled:NAME; default: the bundled one")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default 2000; --quick 300)")
     d.add_argument("--n", type=positive_int, default=None, help="held-out examples per seed (default 200; --quick 64)")
