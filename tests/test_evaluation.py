@@ -158,3 +158,60 @@ def test_evaluate_rejects_bad_arguments(model, examples):
 def test_empty_delta_object_is_accepted(model, examples):
     res = evaluate(model, examples[:2], delta_fn=lambda b: Delta({}))
     assert res.overall["examples"] == 2
+
+
+def _greedy_after(model, ids: list[int], delta_from: int, delta) -> int:
+    """The greedy next token after reading ``ids``, the delta applied from position
+    ``delta_from`` on (one pass; the reference for forced_free_form_response)."""
+    _, state = model(torch.tensor([ids[:delta_from]]))
+    logits, _ = model(torch.tensor([ids[delta_from:]]), state=state, delta=delta)
+    return int(logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_forced_rambles_are_read_and_the_rest_is_greedy(model, with_delta):
+    """forced_free_form_response: every ramble span in the response is the reference's,
+    each other token is the greedy choice after everything before it (prompt, generated
+    spans and read rambles), and without rambles it is the plain greedy response."""
+    from prosg.method.evaluation import forced_free_form_response
+
+    bench = MultiStageConfig(min_stages=3, max_stages=4, stage_length=4, ramble_length=9, ops=("repeat", "ramble"),
+                             op_weights=(1.0, 2.0))
+    pool = generate_examples(bench, 20, seed=5)
+    examples = [e for e in pool if any(s.op == "ramble" for s in e.stages)][:3]
+    examples += [e for e in pool if all(s.op != "ramble" for s in e.stages)][:1]  # nothing forced: all greedy
+    assert len(examples) == 4
+    delta = random_delta(model, 1, rank=2, strength=3.0, seed=2) if with_delta else None
+    sep = TOK.token_to_id("|")
+    for e in examples:
+        p = TOK.encode(e.prompt)
+        out = forced_free_form_response(model, p, e, delta=delta, margin=2)
+        ref = TOK.encode(e.response)
+        ids = p + out
+        forced = set()
+        pos = 0  # where each span starts in `out`
+        for k, st in enumerate(e.stages):
+            if pos >= len(out) or (pos > 0 and out[pos - 1] == TOK.eos_id):
+                break  # the model ended the response
+            if st.op == "ramble":
+                assert out[pos: pos + st.length] == ref[st.distance: st.distance + st.length]
+                forced.update(range(pos, pos + st.length + 1))
+                pos += st.length + 1
+            else:
+                span = out[pos: pos + st.length + 2]  # the span's budget: length + margin
+                closed = [j for j, t in enumerate(span) if t in (sep, TOK.eos_id)]
+                if closed:
+                    pos += closed[0] + 1
+                else:
+                    pos += len(span)
+                    if pos < len(out) and k + 1 < len(e.stages) and e.stages[k + 1].op == "ramble":
+                        assert out[pos] == sep  # read, to keep the spans aligned
+                        forced.add(pos)
+                        pos += 1
+        for j in range(len(out)):
+            if j not in forced:
+                assert out[j] == _greedy_after(model, ids[: len(p) + j], len(p) - 1, delta), (e.prompt, j)
+    with pytest.raises(ValueError, match="tagged"):
+        tagged = generate_examples(MultiStageConfig(min_stages=2, max_stages=2, stage_length=3, tag_stages=True), 1,
+                                   seed=0)[0]
+        forced_free_form_response(model, TOK.encode(tagged.prompt), tagged)

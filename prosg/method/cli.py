@@ -392,10 +392,11 @@ def _eval(args: argparse.Namespace) -> int:
     with locked(out), console_logging():
         _refuse_report(out, args)  # again, now that no other process can write one
         info = {"base_model": _base_path(base), "generator": args.generator,
-                "examples_per_seed": n, "test_seeds": seeds, "benchmark": bench.to_dict()}
+                "examples_per_seed": n, "test_seeds": seeds, "benchmark": bench.to_dict(),
+                "forced_rambles": args.forced_rambles}
         results, per_seed = run_seeds(model, bench, seeds, n, generator, methods, batch_size=args.batch_size,
                                       progress=not args.no_progress, true_gradient=_true_gradient_config(args),
-                                      info=info)
+                                      info=info, forced_free_form=args.forced_rambles)
         write_report(out, results, info, per_seed)
     print((out / "report.md").read_text())
     return 0
@@ -641,6 +642,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated, of baseline, repeat_prompt, prosg, true_gradient, true_gradient_multi "
                         "(default: %(default)s)")
     _add_true_gradient_args(e)
+    e.add_argument("--forced-rambles", action="store_true",
+                   help="read each reference ramble instead of generating it, so the stages after it start the "
+                        "ramble's full length later (with --ramble-length: past the training lengths)")
     e.add_argument("--n", type=positive_int, default=None,
                    help="held-out examples per seed (default 200; with --data: the first n lines, default all)")
     e.add_argument("--seeds", default="1,2,3",

@@ -108,7 +108,8 @@ def tune_true_gradient(model: RecurrentLM, benchmark: MultiStageConfig, configs:
 
 def run_methods(model: RecurrentLM, examples: list[Example], generator: SyntheticGradientGenerator | None,
                 methods: tuple[str, ...] = DEFAULT_METHODS, *, batch_size: int = 32, progress: bool = False,
-                true_gradient: dict[str, TrueGradientConfig] | None = None) -> dict[str, EvalResult]:
+                true_gradient: dict[str, TrueGradientConfig] | None = None,
+                forced_free_form: bool = False) -> dict[str, EvalResult]:
     """Each method's :class:`EvalResult` on ``examples`` (with its ``cost``).
     ``true_gradient``: the config of each true-gradient row (:func:`true_gradient_configs`,
     step sizes set)."""
@@ -136,7 +137,8 @@ def run_methods(model: RecurrentLM, examples: list[Example], generator: Syntheti
             if cfg is None or cfg.lr is None:
                 raise ValueError(f"method {name!r} needs its TrueGradientConfig with a step size (tune_true_gradient)")
             kwargs["delta_fn"] = _timed(true_gradient_delta_fn(model, cfg), cost)
-        result = evaluate(model, examples, batch_size=batch_size, progress=progress, **kwargs)
+        result = evaluate(model, examples, batch_size=batch_size, progress=progress,
+                          forced_free_form=forced_free_form, **kwargs)
         result.cost = _cost(result, cost, time.perf_counter() - t0)
         results[name] = result
         log.info("%s: stage compliance %.3f (%.1f s)", name, results[name].overall["compliance"] or 0.0,
@@ -157,11 +159,12 @@ def _cost(result: EvalResult, cost: dict, seconds: float) -> dict:
 def run_seeds(model: RecurrentLM, benchmark: MultiStageConfig, seeds: list[int], n: int,
               generator: SyntheticGradientGenerator | None, methods: tuple[str, ...] = DEFAULT_METHODS, *,
               batch_size: int = 32, progress: bool = False, true_gradient: TrueGradientConfig | None = None,
-              info: dict | None = None
+              info: dict | None = None, forced_free_form: bool = False
               ) -> tuple[dict[str, EvalResult], dict[int, dict[str, EvalResult]]]:
     """Each method on ``n`` held-out examples of every benchmark seed in ``seeds`` (the
     same prompts for every method): the results pooled over the seeds, and per seed.
-    True-gradient rows are tuned first (:func:`tune_true_gradient`; what was chosen goes
+    ``forced_free_form``: rambles are read, not generated
+    (:func:`prosg.method.evaluation.forced_free_form_response`). True-gradient rows are tuned first (:func:`tune_true_gradient`; what was chosen goes
     to ``info["true_gradient"]`` when ``info`` is given)."""
     if not seeds:
         raise ValueError("run_seeds: at least one seed is needed")
@@ -173,7 +176,8 @@ def run_seeds(model: RecurrentLM, benchmark: MultiStageConfig, seeds: list[int],
         if info is not None:
             info["true_gradient"] = {name: {**dataclasses.asdict(tg[name]), **tuned[name]} for name in tg}
     per_seed = {seed: run_methods(model, held_out(benchmark, n, seed), generator, methods,
-                                  batch_size=batch_size, progress=progress, true_gradient=tg) for seed in seeds}
+                                  batch_size=batch_size, progress=progress, true_gradient=tg,
+                                  forced_free_form=forced_free_form) for seed in seeds}
     pooled = {}
     for m in methods:
         pooled[m] = aggregate([r for seed in seeds for r in per_seed[seed][m].records])

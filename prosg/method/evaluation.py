@@ -40,7 +40,7 @@ import torch
 
 from prosg.data.batching import Batch, Collator, TokenizedPair
 from prosg.data.multistage import Example, StageScore, Verification, mean_scores
-from prosg.data.vocab import benchmark_tokenizer
+from prosg.data.vocab import STAGE, benchmark_tokenizer
 from prosg.models import Delta
 from prosg.models.generation import generate, prefill
 from prosg.models.protocol import RecurrentLM, RecurrentState
@@ -186,9 +186,62 @@ def generate_responses(model: RecurrentLM, prompts: Sequence[Sequence[int]], max
     return responses
 
 
+def _row(delta: Delta | dict | None, b: int) -> Delta | None:
+    delta = Delta.coerce(delta)
+    if delta is None:
+        return None
+    return Delta({k: (u[b: b + 1], v[b: b + 1]) for k, (u, v) in delta.factors.items()}, delta.scale)
+
+
+@torch.no_grad()
+def forced_free_form_response(model: RecurrentLM, prompt: Sequence[int], example: Example, *,
+                              delta: Delta | None = None, margin: int = DEFAULT_MARGIN) -> list[int]:
+    """One greedy response in which every free-form (``ramble``) span is *read*, not
+    written: the model generates each instruction span up to its ``|`` (at most the
+    span's length + ``margin`` tokens), then reads the reference ramble and its ``|`` as
+    if it had written them, and goes on. So a stage after a ramble starts exactly the
+    ramble's length after the previous one, whatever the model would have rambled: the
+    way to put a stage farther from the prompt than any training example did (the
+    model's own greedy ramble has the length it learnt, and a repeated filler word drives
+    its state to a fixed point). A span that runs to its limit without ``|`` before a
+    ramble gets the ``|`` read too, so later spans stay aligned. Untagged examples only; ``delta`` (batch 1) applies from
+    the prompt's last token on, as in :func:`evaluate`."""
+    if example.tagged:
+        raise ValueError("forced_free_form_response: tagged examples are not supported")
+    tok = benchmark_tokenizer()
+    sep, eos = tok.token_to_id(STAGE), tok.eos_id
+    reference = tok.encode(example.response)
+    device = model.device
+    state = None
+    if len(prompt) > 1:
+        _, state = model(torch.tensor([list(prompt[:-1])], device=device))
+    last = prompt[-1]
+    out: list[int] = []
+    for k, stage in enumerate(example.stages):
+        closing = eos if k == len(example.stages) - 1 else sep
+        if stage.op == "ramble":
+            forced = reference[stage.distance: stage.distance + stage.length] + [closing]
+            if out and last != sep:  # the span before ran to its limit unclosed: close it, so spans stay aligned
+                forced = [sep] + forced
+            _, state = model(torch.tensor([[last] + forced[:-1]], device=device), state=state, delta=delta)
+            out += forced
+            last = forced[-1]
+            continue
+        for _ in range(stage.length + margin):
+            logits, state = model(torch.tensor([[last]], device=device), state=state, delta=delta)
+            last = int(logits[0, -1].argmax())
+            out.append(last)
+            if last in (sep, eos):
+                break
+        if last == eos:
+            break
+    return out
+
+
 def evaluate(model: RecurrentLM, examples: Sequence[Example], *, delta_fn: DeltaFn | None = None,
              prompt_fn: PromptFn | None = None, batch_size: int = 32, margin: int = DEFAULT_MARGIN,
-             distance_bin: int = DEFAULT_DISTANCE_BIN, progress: bool = False) -> EvalResult:
+             distance_bin: int = DEFAULT_DISTANCE_BIN, progress: bool = False,
+             forced_free_form: bool = False) -> EvalResult:
     """Greedy responses of ``model`` to ``examples``, verified and aggregated.
 
     Args:
@@ -206,6 +259,8 @@ def evaluate(model: RecurrentLM, examples: Sequence[Example], *, delta_fn: Delta
         margin: tokens allowed beyond each reference response's length.
         distance_bin: width of the ``by_distance`` bins.
         progress: a tqdm bar over the batches.
+        forced_free_form: read the reference of every free-form span instead of
+            generating it (:func:`forced_free_form_response`; one example at a time).
 
     Returns:
         :class:`EvalResult`; ``records`` are in ``examples``' order.
@@ -245,8 +300,12 @@ def evaluate(model: RecurrentLM, examples: Sequence[Example], *, delta_fn: Delta
                 batch = collator([TokenizedPair(prompts[i], [], meta={"id": examples[i].id}) for i in rows])
                 with torch.no_grad():  # evaluation: no graph through the delta provider
                     delta = delta_fn(batch)
-            out = generate_responses(model, [prompts[i] for i in rows], [limits[i] for i in rows],
-                                     delta=delta, eos_id=tok.eos_id)
+            if forced_free_form:
+                out = [forced_free_form_response(model, prompts[i], examples[i], delta=_row(delta, b), margin=margin)
+                       for b, i in enumerate(rows)]
+            else:
+                out = generate_responses(model, [prompts[i] for i in rows], [limits[i] for i in rows],
+                                         delta=delta, eos_id=tok.eos_id)
             for i, r in zip(rows, out):
                 responses[i] = r
             if bar is not None:
