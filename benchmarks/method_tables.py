@@ -1,7 +1,7 @@
 """The markdown tables of docs/results.md for one base model, from the reports that
 benchmarks/method_bases.sh writes under OUT:
 
-    python benchmarks/method_tables.py OUT
+    python benchmarks/method_tables.py OUT [STAGES]     # STAGES: e.g. 1,8,12,16 (default: all)
 
 OUT/main/report.json (every method on the default generator), OUT/{default,seed1,seed2}/
 eval/report.json (three generator initialisation seeds), OUT/ramble_x{1,2,4}/report.json
@@ -33,14 +33,15 @@ def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def main_table(report: dict) -> list[str]:
+def main_table(report: dict, shown: list[int] | None = None) -> list[str]:
     methods = report["methods"]
     K = max(len(m["spread"]["by_stage"]) for m in methods.values())
-    lines = ["| method | overall | " + " | ".join(f"stage {k + 1}" for k in range(K))
-             + " | **last stage** | delta ms / prompt | prompt tokens |", "|---" * (K + 5) + "|"]
+    shown = shown or list(range(1, K + 1))
+    lines = ["| method | overall | " + " | ".join(f"stage {k}" for k in shown)
+             + " | **last stage** | delta ms / prompt | prompt tokens |", "|---" * (len(shown) + 5) + "|"]
     for name, m in methods.items():
         sp, cost = m["spread"], m.get("cost", {})
-        stages = [pm(s) for s in sp["by_stage"]] + ["-"] * (K - len(sp["by_stage"]))
+        stages = [pm(sp["by_stage"][k - 1]) if k <= len(sp["by_stage"]) else "-" for k in shown]
         lines.append(f"| {name} | {pm(sp['overall'])} | " + " | ".join(stages) + f" | **{pm(sp['last_stage'])}** | "
                      f"{cost.get('delta_ms_per_prompt', 0):.1f} | {cost.get('prompt_tokens', 0):.1f} |")
     tg = report.get("true_gradient") or {}
@@ -106,10 +107,12 @@ def lengths_table(out: Path, main: dict) -> list[str]:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    # optional: the stage positions to show, e.g. 1,8,12,16 (default: all)
+    shown = [int(k) for k in sys.argv[2].split(",")] if len(sys.argv) > 2 else None
     report = load(out / "main" / "report.json")
     if report is not None:
         print(gate(report), "\n")
-        print("\n".join(main_table(report)), "\n")
+        print("\n".join(main_table(report, shown)), "\n")
         print("\n".join(lengths_table(out, report)), "\n")
     print("\n".join(seeds_table(out)))
 
