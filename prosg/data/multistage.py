@@ -393,10 +393,9 @@ SETTINGS: dict[str, MultiStageConfig] = {
     # skill, not a memory, test)
     "long": MultiStageConfig(min_stages=4, max_stages=5, stage_length=12, ramble_length=96,
                              ops=("repeat", "alternate", "bounce", "letters", "ramble"), max_pattern=3, max_step=2),
-    # RWKV-7's setting: its matrix state keeps an instruction over any ramble measured
-    # (no loss from 48 to 384-token rambles) and kept 12 of them nearly as well as one
-    # (docs/base_model.md), so it is loaded with instructions instead: 12-16 stages of
-    # 6 tokens, short rambles
+    # RWKV-7's setting: within its trained lengths distance cost it nothing and it kept
+    # 12 instructions nearly as well as one (docs/base_model.md), so it is loaded with
+    # instructions: 12-16 stages of 6 tokens, short rambles
     "many": MultiStageConfig(min_stages=12, max_stages=16, stage_length=6, ramble_length=12,
                              ops=("repeat", "alternate", "bounce", "letters", "ramble"), max_pattern=3, max_step=2),
 }
