@@ -425,6 +425,8 @@ def test_every_command_refuses_a_folder_another_process_holds(base, tmp_path, ca
     ("train", "--depth", "0"), ("train", "--encoder-layers", "-1"), ("train", "--scale", "nan"),
     ("train", "--threads", "-1"), ("train", "--stage-length", "0"), ("train", "--max-stages", "0"),
     ("eval", "--n", "-3"), ("eval", "--batch-size", "0"), ("eval", "--ramble-length", "0"),
+    ("eval", "--tg-lr", "-1"), ("eval", "--tg-lr", "nan"), ("eval", "--tg-multi-steps", "0"),
+    ("demo", "--tg-rank", "0"), ("demo", "--tg-lr", "0"),
     ("demo", "--steps", "0"), ("demo", "--lr", "-1"), ("demo", "--batch-size", "0"),
     ("pretrain", "--steps", "0"), ("pretrain", "--eval", "-1"), ("pretrain", "--save-every", "-1"),
     ("pretrain", "--bptt", "-1"), ("pretrain", "--lr", "0"), ("pretrain", "--hidden-size", "0"),

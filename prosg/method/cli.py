@@ -193,15 +193,17 @@ def config_flags(group, config_cls, names: tuple[str, ...] | None = None, prefix
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meta = f.metadata
-        kw: dict = {"default": default, "help": meta.get("help", "") + " (default: %(default)s)"}
+        # a None default is described by the field's own help ("default: tuned ..."), not as "None"
+        suffix = "" if default is None else " (default: %(default)s)"
+        kw: dict = {"default": default, "help": meta.get("help", "") + suffix}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kw["default"] = ",".join(default)
         elif isinstance(default, (int, float)):
             kw["type"] = _number(type(default), meta.get("min"), above=meta.get("above", False))
-        elif default is None and "type" in meta:
-            kw["type"] = meta["type"]
+        elif default is None and "type" in meta:  # an optional number, checked like the others
+            kw["type"] = _number(meta["type"], meta.get("min"), above=meta.get("above", False))
         if "choices" in meta:
             kw["choices"] = meta["choices"]
         group.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix.replace("-", "_") + f.name, **kw)
@@ -606,7 +608,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Trains the ProSG generator (docs/method.md) with the LM loss on benchmark "
                                    "responses under the generated delta. Single process, or torchrun for "
                                    "several GPUs (DistributedDataParallel).")
-    p.add_argument("--base", default=None, help="base model directory (transformers or fla layout) or bundled:NAME (rwkv4, rwkv7, rwkv4_tbptt); default: the bundled rwkv4")
+    p.add_argument("--base", default=None, help="base model directory (transformers or fla layout) or bundled:NAME (rwkv4, rwkv7, rwkv4_tbptt); default: the bundled control, bundled:rwkv4_tbptt")
     p.add_argument("--out", required=True, help="output directory (checkpoint, generator, log)")
     add_replace_args(p, "continue from OUT/checkpoint.safetensors if present")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")

@@ -43,7 +43,7 @@ class TrueGradientConfig:
 
     lr: float | None = field(default=None, metadata={
         "help": "step size on the prompt's LM-loss gradient (default: tuned on 64 seed-0 examples)",
-        "type": float})
+        "type": float, "min": 0, "above": True})
     steps: int = field(default=1, metadata={"help": "gradient steps per prompt", "min": 1})
     multi_steps: int = field(default=4, metadata={"help": "steps of the true_gradient_multi row", "min": 1})
     rank: int = field(default=4, metadata={"help": "rank r of the applied delta (truncated SVD)", "min": 1})
