@@ -1,3 +1,3 @@
-"""Files shipped with prosg: the tiny RWKV-4 base model of the forgetting benchmark
+"""Files shipped with prosg: the tiny base models of the forgetting benchmark
 (``rwkv4/``, ``rwkv7/``, ``rwkv4_tbptt/``, loaded by
 :func:`prosg.method.pretrain.load_base_model`; docs/base_model.md)."""
