@@ -108,6 +108,63 @@ PROSG_TEST(forward_row_matches_matrix_form) {
   }
 }
 
+// The forward over the problem in the key-major form (forward_keys, key_sums), with
+// value rows in groups of C scalars: what the CPU's sequence kernel runs, one lane a
+// group member. Returns the outputs [T][N]; leaves the end state, row-major, in `S`.
+template <typename F, int N, int C>
+std::vector<F> scan_keys(const Problem<N>& pr, std::vector<F>& S) {
+  std::vector<F> st(N * N);  // st[j * N + i] = S_ij
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) st[j * N + i] = F(pr.s0[i * N + j]);
+  std::vector<F> y(pr.T * N), sa(N), sa_next(N), v(N);
+  F r[N], d[N], k[N], a[N], b[N], a_next[N];
+  for (int j = 0; j < N; ++j) a[j] = F(pr.a[j]);
+  for (int i = 0; i < N; i += C) wk::key_sums<ScalarOps, C>(st.data() + i, N, N, a, sa.data() + i);
+  for (int t = 0; t < pr.T; ++t) {
+    for (int j = 0; j < N; ++j) {
+      r[j] = F(pr.r[t * N + j]), k[j] = F(pr.k[t * N + j]), b[j] = F(pr.b[t * N + j]), v[j] = F(pr.v[t * N + j]);
+      d[j] = wk::decay<ScalarOps>(F(pr.w[t * N + j]));
+      a_next[j] = t + 1 < pr.T ? F(pr.a[(t + 1) * N + j]) : F(0);
+    }
+    for (int i = 0; i < N; i += C)
+      wk::forward_keys<ScalarOps, C>(st.data() + i, N, N, r, d, k, b, a_next, v.data() + i, sa.data() + i,
+                                     y.data() + t * N + i, sa_next.data() + i);
+    std::swap(sa, sa_next);
+  }
+  S.resize(N * N);
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) S[i * N + j] = st[j * N + i];
+  return y;
+}
+
+// The key-major form is the row-major one reordered: states bitwise equal after one
+// step from zero, and within rounding of each other over long runs, for blocks of 1,
+// 2 and 4 rows and with or without a start state.
+template <int C>
+void check_key_major(int trials) {
+  constexpr int N = 16;
+  std::mt19937_64 rng(11 + C);
+  for (int trial = 0; trial < trials; ++trial) {
+    const Problem<N> pr = random_problem<N>(rng, 1 + trial * 37, -6.0, 2.0, 2.0, trial % 2 == 1);
+    std::vector<double> S_rows, S_keys;
+    const std::vector<double> y_rows = scan<double>(pr, S_rows);
+    const std::vector<double> y_keys = scan_keys<double, N, C>(pr, S_keys);
+    for (int e = 0; e < pr.T * N; ++e)
+      PROSG_EXPECT_NEAR(y_keys[e], y_rows[e], 1e-12, 1e-11) << "C" << C << "trial" << trial << "y" << e;
+    for (int e = 0; e < N * N; ++e)
+      PROSG_EXPECT_NEAR(S_keys[e], S_rows[e], 1e-12, 1e-11) << "C" << C << "trial" << trial << "state" << e;
+    if (pr.T == 1 && trial % 2 == 0) {
+      for (int e = 0; e < N * N; ++e) PROSG_EXPECT(S_keys[e] == S_rows[e]) << "one step from zero, entry" << e;
+    }
+  }
+}
+
+PROSG_TEST(forward_keys_matches_forward_rows) {
+  check_key_major<1>(6);
+  check_key_major<2>(6);
+  check_key_major<4>(6);
+}
+
 PROSG_TEST(decay_limits_are_exact_and_finite) {
   PROSG_EXPECT(wk::decay<ScalarOps>(100.0f) == 0.0f);
   PROSG_EXPECT(wk::decay<ScalarOps>(-100.0f) == 1.0f);

@@ -80,6 +80,13 @@ PROSG_HD F decay_grad(const F& w, const F& dd) {
   return Ops::neg(dd * Ops::exp(w - Ops::exp(w)));
 }
 
+// The update of state entries: S_ij d_j + v_i k_j + sa_i b_j, rounded the same way in
+// both layouts below (row-major forward_rows, key-major forward_keys).
+template <class Ops, typename F>
+PROSG_HD F updated_entry(const F& s, const F& d, const F& k, const F& v, const F& sa, const F& b) {
+  return Ops::fma(s, d, Ops::fma(v, k, sa * b));
+}
+
 // One forward step of M value rows at once: `s` holds the rows' R register groups
 // each (row m at s + m * R; R = N / lanes) and is advanced in place; r, d, k, a, b
 // point at the step's R groups (d already exp(-exp(w))); v[m] is the rows' v_i.
@@ -109,7 +116,7 @@ PROSG_HD void forward_rows(F* s, const F* r, const F* d, const F* k, const F* a,
     const F rq = r[q], dq = d[q], kq = k[q], bq = b[q];
     PROSG_WKV7_UNROLL
     for (int m = 0; m < M; ++m) {
-      const F x = Ops::fma(s[m * R + q], dq, Ops::fma(vv[m], kq, sa[m] * bq));
+      const F x = updated_entry<Ops>(s[m * R + q], dq, kq, vv[m], sa[m], bq);
       s[m * R + q] = x;
       out[m] = Ops::fma(x, rq, out[m]);
     }
@@ -125,6 +132,52 @@ PROSG_HD S forward_row(F* s, const F* r, const F* d, const F* k, const F* a, con
   return y;
 }
 
+// The key-major form of the forward (the CPU's for sequences): the state is stored
+// transposed, st[j * ld + c] holding group c of a block of value rows for key j, so
+// that the lanes of F run over value rows i and every sum over keys j is a chain of
+// fmas into one register per group, with no reduction across lanes. Because sa_i of
+// step t + 1 needs the whole row of S after step t, one pass over the block does step
+// t's update and output and step t + 1's sa at once:
+//   x = S_ij d_j + v_i k_j + sa_i b_j (stored),  y_i += x r_j,  sa'_i += a'_j x
+// with r, d, k, b of step t and a' = a of step t + 1, all indexed by key j (scalars,
+// broadcast over the lanes); v, sa are the block's C groups of v_i and sa_i; y and
+// sa_next receive C groups each. key_sums gives the first step's sa.
+template <class Ops, int C, typename F, typename S>
+PROSG_HD void forward_keys(F* st, int n_keys, int ld, const S* r, const S* d, const S* k, const S* b,
+                           const S* a_next, const F* v, const F* sa, F* y, F* sa_next) {
+  F vv[C], s_a[C], acc_y[C], acc_sa[C];
+  PROSG_WKV7_UNROLL
+  for (int c = 0; c < C; ++c) vv[c] = v[c], s_a[c] = sa[c], acc_y[c] = F(S(0)), acc_sa[c] = F(S(0));
+  for (int j = 0; j < n_keys; ++j) {
+    const F rj(r[j]), dj(d[j]), kj(k[j]), bj(b[j]), aj(a_next[j]);
+    F* row = st + j * ld;
+    PROSG_WKV7_UNROLL
+    for (int c = 0; c < C; ++c) {
+      const F x = updated_entry<Ops>(row[c], dj, kj, vv[c], s_a[c], bj);
+      row[c] = x;
+      acc_y[c] = Ops::fma(x, rj, acc_y[c]);
+      acc_sa[c] = Ops::fma(aj, x, acc_sa[c]);
+    }
+  }
+  PROSG_WKV7_UNROLL
+  for (int c = 0; c < C; ++c) y[c] = acc_y[c], sa_next[c] = acc_sa[c];
+}
+
+// out[c] = sum_j a_j st[j * ld + c] over a key-major block (sa before the first step).
+template <class Ops, int C, typename F, typename S>
+PROSG_HD void key_sums(const F* st, int n_keys, int ld, const S* a, F* out) {
+  F acc[C];
+  PROSG_WKV7_UNROLL
+  for (int c = 0; c < C; ++c) acc[c] = F(S(0));
+  for (int j = 0; j < n_keys; ++j) {
+    const F aj(a[j]);
+    PROSG_WKV7_UNROLL
+    for (int c = 0; c < C; ++c) acc[c] = Ops::fma(aj, st[j * ld + c], acc[c]);
+  }
+  PROSG_WKV7_UNROLL
+  for (int c = 0; c < C; ++c) out[c] = acc[c];
+}
+
 // The row scalars of the backward of one step for value row i.
 template <typename S>
 struct RowGrad {
@@ -133,21 +186,44 @@ struct RowGrad {
   S dsa;  // dL/dsa_i
 };
 
-// Row phase of the backward of one step, value row i: `s` is the row before the step,
-// `g` holds dL/dS_i after the step on entry and G_i = g_i + gy_i r on exit.
-template <class Ops, int R, typename F, typename S>
-PROSG_HD RowGrad<S> backward_row(const F* s, F* g, const F* r, const F* k, const F* a, const F* b, S gy) {
-  F sa(S(0)), dv(S(0)), dsa(S(0));
-  const F gyv(gy);
+// Row phase of the backward of one step for M value rows at once (as forward_rows):
+// `s` holds the rows before the step (row m at s + m * R), `g` holds dL/dS of the rows
+// after the step on entry and G = g + gy_i r on exit; gy[m] is the rows' dL/dy_i.
+// Writes the rows' scalars to out[m]. The CPU runs 4 rows (one transpose-and-add per
+// sum for all 4), a CUDA thread one (backward_row).
+template <class Ops, int R, int M, typename F, typename S>
+PROSG_HD void backward_rows(const F* s, F* g, const F* r, const F* k, const F* a, const F* b, const S* gy,
+                            RowGrad<S>* out) {
+  F sa[M], dv[M], dsa[M], gyv[M];
+  PROSG_WKV7_UNROLL
+  for (int m = 0; m < M; ++m) sa[m] = F(S(0)), dv[m] = F(S(0)), dsa[m] = F(S(0)), gyv[m] = F(gy[m]);
   PROSG_WKV7_UNROLL
   for (int q = 0; q < R; ++q) {
-    sa = Ops::fma(a[q], s[q], sa);
-    const F G = Ops::fma(gyv, r[q], g[q]);
-    g[q] = G;
-    dv = Ops::fma(G, k[q], dv);
-    dsa = Ops::fma(G, b[q], dsa);
+    const F rq = r[q], kq = k[q], aq = a[q], bq = b[q];
+    PROSG_WKV7_UNROLL
+    for (int m = 0; m < M; ++m) {
+      sa[m] = Ops::fma(aq, s[m * R + q], sa[m]);
+      const F G = Ops::fma(gyv[m], rq, g[m * R + q]);
+      g[m * R + q] = G;
+      dv[m] = Ops::fma(G, kq, dv[m]);
+      dsa[m] = Ops::fma(G, bq, dsa[m]);
+    }
   }
-  return RowGrad<S>{Ops::sum(sa), Ops::sum(dv), Ops::sum(dsa)};
+  S sums[3][M];
+  Ops::template sum_all<M>(sa, sums[0]);
+  Ops::template sum_all<M>(dv, sums[1]);
+  Ops::template sum_all<M>(dsa, sums[2]);
+  PROSG_WKV7_UNROLL
+  for (int m = 0; m < M; ++m) out[m] = RowGrad<S>{sums[0][m], sums[1][m], sums[2][m]};
+}
+
+// Row phase for one value row i (backward_rows with M = 1): `s` is the row before the
+// step, `g` holds dL/dS_i after the step on entry and G_i = g_i + gy_i r on exit.
+template <class Ops, int R, typename F, typename S>
+PROSG_HD RowGrad<S> backward_row(const F* s, F* g, const F* r, const F* k, const F* a, const F* b, S gy) {
+  RowGrad<S> out;
+  backward_rows<Ops, R, 1>(s, g, r, k, a, b, &gy, &out);
+  return out;
 }
 
 // Per-key sums over the value rows i of one step: dL/dr_j, dL/dk_j, dL/da_j, dL/db_j

@@ -1,10 +1,10 @@
 // CPU kernels of wkv7 and their registration. A task is one (sample, head): its N x N
-// state lives in a task-local buffer (N^2 floats, 16 KiB at N = 64: L1/L2-resident)
-// and every step walks the value rows i, each row one at::vec::Vectorized register
-// group of key indices j at a time (R = N / lanes registers), through the shared
-// header wkv7_math.h that the CUDA kernels use too. Tasks are split over threads with
-// at::parallel_for; nothing is reduced across tasks, so results do not depend on the
-// thread count.
+// state lives in a task-local buffer (N^2 floats, 16 KiB at N = 64: L1/L2-resident),
+// stepped through the shared header wkv7_math.h that the CUDA kernels use too: the
+// forward key-major (S^T, lanes over value rows i: forward_keys), the backward
+// row-major (S, lanes over keys j: forward_rows, backward_rows, backward_column).
+// Tasks are split over threads with at::parallel_for; nothing is reduced across tasks,
+// so results do not depend on the thread count.
 //
 // Arithmetic and state are float32 for float32/float16/bfloat16 inputs (each step's
 // inputs are converted once) and float64 for float64 inputs.
@@ -91,8 +91,8 @@ struct Head {
   }
   void load(Vec* dst, const Wkv7Input& x, int64_t t) const {
     alignas(64) acc_t tmp[N];
-    gather(tmp, x, t);
-    for (int q = 0; q < R; ++q) dst[q] = Vec::loadu(tmp + q * W);
+    const acc_t* src = view(x, t, tmp);
+    for (int q = 0; q < R; ++q) dst[q] = Vec::loadu(src + q * W);
   }
   template <typename T>
   static void store(T* dst, const Vec* src) {
@@ -116,14 +116,6 @@ struct Head {
     for (int q = 0; q < R; ++q) s.d[q] = decay<Ops>(s.w[q]);
   }
 
-  void init_state(Vec* S) const {
-    if (p.state_in == nullptr) {
-      for (int q = 0; q < N * R; ++q) S[q] = Vec(acc_t(0));
-      return;
-    }
-    const auto* in = static_cast<const acc_t*>(p.state_in) + state_offset();
-    for (int q = 0; q < N * R; ++q) S[q] = Vec::loadu(in + q * W);
-  }
   static void save_state(acc_t* dst, const Vec* S) {
     for (int q = 0; q < N * R; ++q) S[q].store(dst + q * W);
   }
@@ -137,32 +129,132 @@ struct Head {
     for (int i = 0; i < N; i += kRows) forward_rows<Ops, R, kRows>(S + i * R, s.r, s.d, s.k, s.a, s.b, s.v + i, y + i);
   }
 
+  // The forward runs key-major (wkv7_math.h's forward_keys): S is transposed on entry
+  // and on exit and every step is one pass over it, lanes over value rows, kBlock
+  // register groups of rows a pass, with no sums across lanes (the row-major step
+  // above, the backward's, needs a reduction across lanes for every sa_i and y_i).
+  // One form for every length, so a sequence run in pieces gives the state of one
+  // call bit for bit. Measurements in benchmarks/RESULTS.md.
+  static constexpr int kBlock = R >= 2 ? 2 : 1;
+
+  // S (row-major, contiguous) transposed into dst, 8 x 8 blocks at a time
+  // (at::vec's register transpose where the ISA has one).
+  static void transpose(const acc_t* src, acc_t* dst) {
+    static_assert(N % 8 == 0);
+    for (int i = 0; i < N; i += 8)
+      for (int j = 0; j < N; j += 8) at::vec::transpose_mxn<acc_t, 8, 8>(src + i * N + j, N, dst + j * N + i, N);
+  }
+  void init_state_keys(Vec* st) const {
+    if (p.state_in == nullptr) {
+      for (int q = 0; q < N * R; ++q) st[q] = Vec(acc_t(0));
+      return;
+    }
+    alignas(64) acc_t tmp[N * N];
+    transpose(static_cast<const acc_t*>(p.state_in) + state_offset(), tmp);
+    for (int q = 0; q < N * R; ++q) st[q] = Vec::loadu(tmp + q * W);
+  }
+  static void save_state_keys(acc_t* dst, const Vec* st) {
+    alignas(64) acc_t tmp[N * N];
+    for (int q = 0; q < N * R; ++q) st[q].store(tmp + q * W);
+    transpose(tmp, dst);
+  }
+
+  // N values of input x at step t as contiguous acc_t: the input itself when it is
+  // already that (no copy: a copy written in halves and read back whole stalls store
+  // forwarding), else converted into buf.
+  const acc_t* view(const Wkv7Input& x, int64_t t, acc_t* buf) const {
+    const auto* src = static_cast<const scalar_t*>(x.ptr) + b * x.sb + t * x.st + h * x.sh;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (x.sn == 1) return src;
+    }
+    cpu::gather(buf, src, x.sn, N);
+    return buf;
+  }
+
+  // A step's inputs by key for the key-major form: r, k, b, a' (a of the next step, 0
+  // after the last) as scalars, in place or converted; d = exp(-exp(w)) as scalars;
+  // v as register groups.
+  struct KeyStep {
+    alignas(64) acc_t r_buf[N], k_buf[N], b_buf[N], a_buf[N], d[N], tmp[N], zeros[N] = {};
+    const acc_t *r, *k, *b, *a_next;
+    Vec v[R];
+  };
+  void load_key_step(KeyStep& s, int64_t t) const {
+    s.r = view(p.r, t, s.r_buf);
+    s.k = view(p.k, t, s.k_buf);
+    s.b = view(p.b, t, s.b_buf);
+    // The last step's pass sums with a' = 0: one wasted multiply-add an entry.
+    s.a_next = t + 1 < p.seqlen ? view(p.a, t + 1, s.a_buf) : s.zeros;
+    const acc_t* w = view(p.w, t, s.tmp);
+    for (int q = 0; q < R; ++q) decay<Ops>(Vec::loadu(w + q * W)).store(s.d + q * W);
+    const acc_t* v = view(p.v, t, s.tmp);
+    for (int q = 0; q < R; ++q) s.v[q] = Vec::loadu(v + q * W);
+  }
+
+  // The key-major scan's state: S^T and the sa_i of the next step.
+  struct KeyScan {
+    std::vector<Vec> st = std::vector<Vec>(N * R);
+    Vec sa[R];
+  };
+  void start_keys(KeyScan& ks) const {
+    init_state_keys(ks.st.data());
+    alignas(64) acc_t a_buf[N];
+    const acc_t* a = view(p.a, 0, a_buf);
+    for (int q = 0; q < R; q += kBlock) key_sums<Ops, kBlock>(ks.st.data() + q, N, R, a, ks.sa + q);
+  }
+  // Step t of the scan; y receives the outputs as R register groups.
+  void step_keys(KeyScan& ks, KeyStep& s, int64_t t, Vec* y) const {
+    load_key_step(s, t);
+    Vec sa_next[R];
+    for (int q = 0; q < R; q += kBlock)
+      forward_keys<Ops, kBlock>(ks.st.data() + q, N, R, s.r, s.d, s.k, s.b, s.a_next, s.v + q, ks.sa + q, y + q,
+                                sa_next + q);
+    std::copy_n(sa_next, R, ks.sa);
+  }
+
   void forward() const {
-    std::vector<Vec> S(N * R);
-    init_state(S.data());
-    Step s;
-    alignas(64) acc_t y[N];
+    KeyScan ks;
+    start_keys(ks);
+    KeyStep s;
+    Vec y[R];
     auto* out = static_cast<scalar_t*>(p.out);
     for (int64_t t = 0; t < p.seqlen; ++t) {
-      load_step(s, t);
-      step(S.data(), s, y);
+      step_keys(ks, s, t, y);
       scalar_t* dst = out + row(t);
-      for (int n = 0; n < N; ++n) dst[n] = static_cast<scalar_t>(y[n]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int q = 0; q < R; ++q) y[q].store(dst + q * W);
+      } else {
+        store(dst, y);
+      }
     }
-    save_state(static_cast<acc_t*>(p.state_out) + state_offset(), S.data());
+    save_state_keys(static_cast<acc_t*>(p.state_out) + state_offset(), ks.st.data());
+  }
+
+  // S^T as register groups (the key-major scan's) to S as register groups (the backward's).
+  static void keys_to_rows(const Vec* st, Vec* S) {
+    alignas(64) acc_t tmp[N * N], rows[N * N];
+    for (int q = 0; q < N * R; ++q) st[q].store(tmp + q * W);
+    transpose(tmp, rows);
+    for (int q = 0; q < N * R; ++q) S[q] = Vec::loadu(rows + q * W);
   }
 
   void backward() const {
     const int64_t T = p.seqlen, n_seg = (T + kSegment - 1) / kSegment, words = N * R;
+    // Pass 1, the checkpoints: the forward's key-major scan up to the last segment's start.
     std::vector<Vec> S(words), checkpoints(n_seg * words);
-    init_state(S.data());
+    {
+      KeyScan ks;
+      start_keys(ks);
+      KeyStep ks_step;
+      Vec y_unused[R];
+      for (int64_t t = 0;; ++t) {
+        if (t % kSegment == 0) keys_to_rows(ks.st.data(), checkpoints.data() + (t / kSegment) * words);
+        if (t == (n_seg - 1) * kSegment) break;
+        step_keys(ks, ks_step, t, y_unused);
+      }
+    }
     Step s;
     alignas(64) acc_t y[N];  // not needed: the forward's outputs are not recomputed
-    for (int64_t t = 0; t < T; ++t) {
-      if (t % kSegment == 0) std::copy(S.begin(), S.end(), checkpoints.begin() + (t / kSegment) * words);
-      load_step(s, t);
-      step(S.data(), s, y);
-    }
 
     std::vector<Vec> g(words), seg_states(kSegment * words);  // g: dL/dS, carried backwards
     {
@@ -198,11 +290,8 @@ struct Head {
         // accumulators once per block, not once per row).
         for (int i0 = 0; i0 < N; i0 += kRows) {
           RowGrad<acc_t> rg[kRows];
-          for (int m = 0; m < kRows; ++m) {
-            const int i = i0 + m;
-            rg[m] = backward_row<Ops, R>(prev + i * R, g.data() + i * R, s.r, s.k, s.a, s.b, gy[i]);
-            dv[i] = rg[m].dv;
-          }
+          backward_rows<Ops, R, kRows>(prev + i0 * R, g.data() + i0 * R, s.r, s.k, s.a, s.b, gy + i0, rg);
+          for (int m = 0; m < kRows; ++m) dv[i0 + m] = rg[m].dv;
           for (int q = 0; q < R; ++q) {
             ColumnGrad<Vec> c = acc[q];
             const Vec dq = s.d[q], aq = s.a[q];
