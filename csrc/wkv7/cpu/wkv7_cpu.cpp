@@ -123,6 +123,8 @@ struct Head {
   // Rows stepped together (forward_rows): 4 independent chains hide the FMA latency
   // and share each load of the step's inputs; every head size is a multiple of 4.
   static constexpr int kRows = 4;
+  // Rows of a block of the backward's two phases (a multiple of kRows dividing N).
+  static constexpr int kColumnRows = N < 16 ? N : 16;
 
   // One forward step of the whole head; y receives the N outputs.
   static void step(Vec* S, const Step& s, acc_t* y) {
@@ -253,10 +255,10 @@ struct Head {
         step_keys(ks, ks_step, t, y_unused);
       }
     }
-    Step s;
     alignas(64) acc_t y[N];  // not needed: the forward's outputs are not recomputed
 
     std::vector<Vec> g(words), seg_states(kSegment * words);  // g: dL/dS, carried backwards
+    std::vector<Step> seg_steps(kSegment);  // the replay's inputs, read again by the gradient steps
     {
       const auto* gso = static_cast<const acc_t*>(p.grad_state_out) + state_offset();
       for (int q = 0; q < words; ++q) g[q] = Vec::loadu(gso + q * W);
@@ -273,12 +275,12 @@ struct Head {
       std::copy_n(checkpoints.begin() + seg * words, words, S.begin());
       for (int64_t j = 0; j < steps; ++j) {
         std::copy(S.begin(), S.end(), seg_states.begin() + j * words);
-        load_step(s, t0 + j);
-        step(S.data(), s, y);
+        load_step(seg_steps[j], t0 + j);
+        step(S.data(), seg_steps[j], y);
       }
       for (int64_t j = steps - 1; j >= 0; --j) {
         const int64_t t = t0 + j;
-        load_step(s, t);
+        const Step& s = seg_steps[j];
         gather(gy, p.grad_out, t);
         const Vec* prev = seg_states.data() + j * words;
         // The state after step t: the replay's next stored state, or where it ended.
@@ -286,16 +288,19 @@ struct Head {
         ColumnGrad<Vec> acc[R];
         for (int q = 0; q < R; ++q) acc[q] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
         // Row i's column contributions need only row i's scalars, so both phases run
-        // per block of kRows rows (the column sums then load and store their
-        // accumulators once per block, not once per row).
-        for (int i0 = 0; i0 < N; i0 += kRows) {
-          RowGrad<acc_t> rg[kRows];
-          backward_rows<Ops, R, kRows>(prev + i0 * R, g.data() + i0 * R, s.r, s.k, s.a, s.b, gy + i0, rg);
-          for (int m = 0; m < kRows; ++m) dv[i0 + m] = rg[m].dv;
+        // per block of kColumnRows rows: the block's rows stay in L1 between the
+        // phases, and the column sums load and store their accumulators once per
+        // block, not once per row.
+        for (int i0 = 0; i0 < N; i0 += kColumnRows) {
+          RowGrad<acc_t> rg[kColumnRows];
+          for (int m = 0; m < kColumnRows; m += kRows)
+            backward_rows<Ops, R, kRows>(prev + (i0 + m) * R, g.data() + (i0 + m) * R, s.r, s.k, s.a, s.b,
+                                         gy + i0 + m, rg + m);
+          for (int m = 0; m < kColumnRows; ++m) dv[i0 + m] = rg[m].dv;
           for (int q = 0; q < R; ++q) {
             ColumnGrad<Vec> c = acc[q];
             const Vec dq = s.d[q], aq = s.a[q];
-            for (int m = 0; m < kRows; ++m) {
+            for (int m = 0; m < kColumnRows; ++m) {
               const int i = i0 + m;
               Vec& G = g[i * R + q];
               G = backward_column_given<Ops>(prev[i * R + q], next[i * R + q], G, gy[i], s.v[i], rg[m], dq, aq, c);
