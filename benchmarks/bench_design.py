@@ -4,8 +4,11 @@ Each group is one choice; its comment in the code points here, and the figures a
 recorded in RESULTS.md ("Choices in the code").
 
 * ``decode_head``: the LM head of one decode step for a batch, ``x [B, H] @ W^T`` (what
-  ``F.linear`` runs) against the transposed problem ``W @ x^T`` that
-  ``RWKV4LM._forward`` uses on the CPU (B=8, H=512, vocabulary 50277, float32).
+  ``F.linear`` runs) against the transposed problem ``W @ x^T`` (what the models use
+  on the CPU for a batch the small-batch kernel does not take) and
+  ``prosg.ops.lowrank_linear``'s small-batch kernel without a delta (what they use for
+  up to 16 float32 rows, ``prosg.models.common.runs_small_batch_kernel``); B=8, H=512,
+  vocabulary 50277, float32.
 * ``finite_check``: the per-step finiteness check of the greedy pick's ``[B]`` peak
   logits during CPU generation (``prosg.models.generation``): B host floats through
   ``math.isfinite`` against ``bool(torch.isfinite(peak).all())``.
@@ -21,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prosg.ops import lowrank_linear
+
 BATCH, HIDDEN, VOCAB = 8, 512, 50277
 
 
@@ -33,6 +38,7 @@ def head():
 HEAD_SPELLINGS = {
     "F.linear(x, W)": lambda W, x: F.linear(x, W),
     "mm(W, x.T).T": lambda W, x: torch.mm(W, x.t()).t(),
+    "lowrank_linear(x, W)": lambda W, x: lowrank_linear(x, W),
 }
 
 

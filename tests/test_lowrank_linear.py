@@ -75,6 +75,13 @@ CASES = {
     "B3T33-67to45-r16": (3, 33, 67, 45, 16),
     "B3T1-67to129-r1": (3, 1, 67, 129, 1),
     "B3-2d-67to129-r16": (3, None, 67, 129, 16),
+    # Up to 16 float32 rows run the CPU's own projection kernel (pairs of rows against
+    # 6 columns of W, one row against 8; lowrank_linear_cpu.cpp): one row, 16 rows
+    # (T=1 and 2-D), and 17 rows (ATen's GEMM again), with column and Din tails.
+    "B1-2d-67to45-r4": (1, None, 67, 45, 4),
+    "B16T1-35to29-r2": (16, 1, 35, 29, 2),
+    "B2T8-64to13-r3": (2, 8, 64, 13, 3),
+    "B17-2d-35to29-r2": (17, None, 35, 29, 2),
 }
 
 
@@ -144,6 +151,26 @@ def test_non_contiguous_inputs(device, dtype, two_d):
     # Autograd sums the per-sample gradients, each already rounded to dtype and O(sqrt(T))
     # large, in dtype: the error is relative to the summands, not to their sum.
     assert_close(gu, gu_ref, dtype, "grad of broadcast U", atol=tol(dtype)["atol"] * gu_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", ["2d-row-stride", "3d-row-stride", "3d-two-strides"])
+def test_small_batch_strided_rows(layout):
+    """The CPU's small-batch kernel reads rows any stride apart (x sliced out of a wider
+    buffer); rows that are not one stride apart ([B, T] of a transposed buffer) go to
+    ATen's GEMM. Both against the reference, forward and backward."""
+    Din, Dout = 37, 23
+    if layout == "2d-row-stride":
+        x = torch.randn(5, 2 * Din)[:, :Din]
+    elif layout == "3d-row-stride":
+        x = torch.randn(2, 3, 2 * Din)[..., :Din]
+    else:
+        x = torch.randn(3, 2, Din).transpose(0, 1)
+    assert not x.is_contiguous() and x.stride(-1) == 1
+    B = x.shape[0]
+    inputs = dict(x=x, weight=torch.randn(Dout, Din) / math.sqrt(Din), bias=torch.randn(Dout),
+                  U=torch.randn(B, Dout, 2) / 2**0.5, V=torch.randn(B, Din, 2) / math.sqrt(Din))
+    check_against_reference(inputs, scale=0.9, dtype=torch.float32)
+    check_against_reference({**inputs, "U": None, "V": None}, scale=1.0, dtype=torch.float32)
 
 
 def test_broadcast_grad_out(device):

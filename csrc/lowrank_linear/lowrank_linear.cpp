@@ -105,6 +105,32 @@ void expand(const at::Tensor& z, const at::Tensor& U, double scale, at::Tensor& 
 
 at::Tensor empty_like_nothing(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
+// x3 [B, T, Din] @ weight^T + bias as a contiguous [B, T, Dout]: the backend's kernel
+// for at most kBaseMaxRows float32 rows of a contiguous weight (MKL's single-thread
+// GEMV and small-M GEMM run at half the memory bandwidth on some CPUs, see
+// benchmarks/RESULTS.md), ATen's GEMM otherwise.
+at::Tensor base_projection(const at::Tensor& x3, const at::Tensor& weight, const Opt& bias, const Backend& backend) {
+  const int64_t B = x3.size(0), T = x3.size(1), din = x3.size(2), dout = weight.size(0), rows = B * T;
+  const bool fits = backend.base != nullptr && rows > 0 && rows <= kBaseMaxRows && dout > 0 &&
+                    x3.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                    (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous())) &&
+                    (din <= 1 || x3.stride(2) == 1);
+  // Rows of x one stride apart: [B, T] viewed as one row dimension.
+  const bool one_row_stride = T == 1 || B == 1 || x3.stride(0) == T * x3.stride(1);
+  if (!fits || !one_row_stride) return at::linear(x3, weight, bias).contiguous();
+  at::Tensor y3 = at::empty({B, T, dout}, x3.options());
+  LowrankBaseParams p{};
+  p.rows = rows, p.din = din, p.dout = dout;
+  p.dtype = to_dtype(x3.scalar_type());
+  p.x = x3.data_ptr();
+  p.x_row_stride = T == 1 ? x3.stride(0) : x3.stride(1);
+  p.weight = weight.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.y = y3.data_ptr();
+  backend.base(p);
+  return y3;
+}
+
 }  // namespace
 
 at::Tensor forward(const LowrankInputs& in, double scale, const Backend& backend) {
@@ -112,9 +138,10 @@ at::Tensor forward(const LowrankInputs& in, double scale, const Backend& backend
   const at::Tensor &x = in.x, &weight = in.weight;
   const Opt &bias = in.bias, &U = in.U, &V = in.V;
   const at::Tensor x3 = x.dim() == 3 ? x : x.unsqueeze(1);
-  // The shared projection is ATen's GEMM; its fresh output is what the expand kernel
-  // accumulates into, so no [B, T, Dout] temporary exists besides the output.
-  at::Tensor y3 = at::linear(x3, weight, bias).contiguous();
+  // The shared projection is ATen's GEMM, or the backend's own kernel for a few rows;
+  // its fresh output is what the expand kernel accumulates into, so no [B, T, Dout]
+  // temporary exists besides the output.
+  at::Tensor y3 = base_projection(x3, weight, bias, backend);
   if (d.has_delta && d.rank > 0 && y3.numel() > 0) {
     const at::Tensor z = shrink(x3, *V, backend);
     expand(z, *U, scale, y3, backend);

@@ -28,7 +28,12 @@ struct LowrankInputs {
 struct Backend {
   void (*shrink)(const LowrankShrinkParams&);
   void (*expand)(const LowrankExpandParams&);
+  // The shared projection of at most kBaseMaxRows float32 rows, or null: ATen's GEMM.
+  void (*base)(const LowrankBaseParams&) = nullptr;
 };
+
+// Rows up to which a backend's `base` kernel replaces ATen's GEMM (decoding a batch).
+constexpr int64_t kBaseMaxRows = 16;
 
 // The registered backends, for other ops' host code that runs perturbed projections.
 const Backend& cpu_backend();

@@ -1,4 +1,5 @@
-// Torch-free parameters of the two halves of the per-sample low-rank product
+// Torch-free parameters of the shared projection of a few rows, y = x W^T + bias (the
+// CPU's decoding path), and of the two halves of the per-sample low-rank product
 // (the BGMV pattern of Punica): shrink z = x V_b, then expand y += scale * z U_b^T.
 // Rows are n = b * seqlen + t. Strides are in elements. z is always a contiguous
 // [batch, seqlen, rank] buffer in the accumulation type (float32, or float64 for
@@ -10,6 +11,16 @@
 #include "common/dtype.h"
 
 namespace prosg {
+
+struct LowrankBaseParams {
+  int64_t rows, din, dout;
+  DType dtype;            // of x, weight, bias and y
+  const void* x;          // [rows, din], rows x_row_stride apart, unit stride within a row
+  int64_t x_row_stride;
+  const void* weight;     // [dout, din], contiguous
+  const void* bias;       // [dout] contiguous, or null
+  void* y;                // [rows, dout], contiguous
+};
 
 struct LowrankShrinkParams {
   int64_t batch, seqlen, dim, rank;

@@ -22,10 +22,25 @@ from prosg.ops import lowrank_linear
 LowRank = tuple[Tensor, Tensor]
 
 
+#: Rows up to which the CPU's decoding projections run prosg's own kernel
+#: (``lowrank_linear``'s small-batch path, csrc/lowrank_linear/lowrank_linear.h).
+SMALL_BATCH_ROWS = 16
+
+
+def runs_small_batch_kernel(x: Tensor) -> bool:
+    """Whether ``x @ W^T`` over at most SMALL_BATCH_ROWS float32 rows on the CPU (a
+    decoding step) runs through ``lowrank_linear``, which has its own kernel there:
+    MKL's single-thread GEMV and small-M GEMM leave memory bandwidth unused on some
+    CPUs (benchmarks/RESULTS.md). A projection without a delta then computes exactly
+    what one with a zero delta does."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] <= SMALL_BATCH_ROWS)
+
+
 def project(x: Tensor, weight: Tensor, uv: LowRank | None, scale: float) -> Tensor:
     """``x @ W^T``, plus ``scale * (x @ V_b) @ U_b^T`` when the module carries a delta."""
     if uv is None:
-        return F.linear(x, weight)
+        return lowrank_linear(x, weight) if runs_small_batch_kernel(x) else F.linear(x, weight)
     return lowrank_linear(x, weight, None, uv[0], uv[1], scale)
 
 
@@ -254,10 +269,12 @@ class RWKVLanguageModel(nn.Module):
         if logits_to_keep and not single:
             h = h[:, -logits_to_keep:]
         h = self.ln_out(h)
-        if single and h.shape[0] > 1 and h.device.type == "cpu":
-            # Decoding a batch: MKL's sgemm runs the transposed problem W @ x^T of a tall
-            # head faster than x [B, H] @ W^T (benchmarks/bench_design.py, RESULTS.md);
-            # the result is the same.
+        if runs_small_batch_kernel(h):
+            logits = lowrank_linear(h, self.head.weight)
+        elif single and h.shape[0] > 1 and h.device.type == "cpu":
+            # Decoding a batch the kernel above does not take (16-bit, or more rows):
+            # MKL's sgemm runs the transposed problem W @ x^T of a tall head faster
+            # than x [B, H] @ W^T (benchmarks/bench_design.py, RESULTS.md).
             logits = torch.mm(self.head.weight, h.t()).t()
         else:
             logits = F.linear(h, self.head.weight)

@@ -269,7 +269,7 @@ class RWKV4LM(RWKVLanguageModel):
         shifted = token_shift(a, None)
         if part == "feed_forward" and kind == "value":
             xk = torch.lerp(shifted, a, module.time_mix_key.view(-1))
-            return torch.square(torch.relu(F.linear(xk, module.key.weight)))
+            return torch.square(torch.relu(project(xk, module.key.weight, None, 1.0)))
         return torch.lerp(shifted, a, getattr(module, f"time_mix_{kind}").view(-1))
 
     # ------------------------------------------------------------------ checks

@@ -310,7 +310,7 @@ class RWKV7LM(RWKVLanguageModel):
         xk = module.mix(a, token_shift(a, None))
         if kind == "key":
             return xk
-        return torch.square(torch.relu(F.linear(xk, module.key.weight)))
+        return torch.square(torch.relu(project(xk, module.key.weight, None, 1.0)))
 
     # ------------------------------------------------------------------ checks
 
