@@ -93,8 +93,10 @@ PROSG_HD F updated_entry(const F& s, const F& d, const F& k, const F& v, const F
 // Writes y_i to y[m]. The M rows are independent chains (instruction-level
 // parallelism) sharing each load of r, d, k, a, b: the CPU steps 4 rows at a time;
 // a CUDA thread has one row (M = 1).
+// forward_rows_to writes the advanced rows to s_next instead (it may equal s).
 template <class Ops, int R, int M, typename F, typename S>
-PROSG_HD void forward_rows(F* s, const F* r, const F* d, const F* k, const F* a, const F* b, const S* v, S* y) {
+PROSG_HD void forward_rows_to(const F* s, F* s_next, const F* r, const F* d, const F* k, const F* a, const F* b,
+                              const S* v, S* y) {
   F acc[M];
   PROSG_WKV7_UNROLL
   for (int m = 0; m < M; ++m) acc[m] = F(S(0));
@@ -117,11 +119,16 @@ PROSG_HD void forward_rows(F* s, const F* r, const F* d, const F* k, const F* a,
     PROSG_WKV7_UNROLL
     for (int m = 0; m < M; ++m) {
       const F x = updated_entry<Ops>(s[m * R + q], dq, kq, vv[m], sa[m], bq);
-      s[m * R + q] = x;
+      s_next[m * R + q] = x;
       out[m] = Ops::fma(x, rq, out[m]);
     }
   }
   Ops::template sum_all<M>(out, y);
+}
+
+template <class Ops, int R, int M, typename F, typename S>
+PROSG_HD void forward_rows(F* s, const F* r, const F* d, const F* k, const F* a, const F* b, const S* v, S* y) {
+  forward_rows_to<Ops, R, M>(s, s, r, d, k, a, b, v, y);
 }
 
 // One forward step of one value row i (forward_rows with M = 1). Returns y_i.

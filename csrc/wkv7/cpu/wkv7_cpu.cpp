@@ -11,7 +11,7 @@
 //
 // The backward recomputes instead of storing: pass 1 runs the forward again and keeps
 // the state every kSegment steps (O(T / kSegment) states of N^2 per task), pass 2 replays
-// the segments last to first, keeping each one's kSegment states, and steps the
+// the segments last to first, keeping each one's kSegment + 1 states, and steps the
 // gradients back through it. The transition is never inverted (d_j can be 0, and
 // running (diag(d) + a b^T)^-1 backwards amplifies rounding without bound).
 #include <ATen/ATen.h>
@@ -126,9 +126,11 @@ struct Head {
   // Rows of a block of the backward's two phases (a multiple of kRows dividing N).
   static constexpr int kColumnRows = N < 16 ? N : 16;
 
-  // One forward step of the whole head; y receives the N outputs.
-  static void step(Vec* S, const Step& s, acc_t* y) {
-    for (int i = 0; i < N; i += kRows) forward_rows<Ops, R, kRows>(S + i * R, s.r, s.d, s.k, s.a, s.b, s.v + i, y + i);
+  // One row-major forward step of the whole head from S into S_next (the backward's
+  // replay, which keeps every state); y receives the N outputs.
+  static void step_to(const Vec* S, Vec* S_next, const Step& s, acc_t* y) {
+    for (int i = 0; i < N; i += kRows)
+      forward_rows_to<Ops, R, kRows>(S + i * R, S_next + i * R, s.r, s.d, s.k, s.a, s.b, s.v + i, y + i);
   }
 
   // The forward runs key-major (wkv7_math.h's forward_keys): S is transposed on entry
@@ -243,7 +245,7 @@ struct Head {
   void backward() const {
     const int64_t T = p.seqlen, n_seg = (T + kSegment - 1) / kSegment, words = N * R;
     // Pass 1, the checkpoints: the forward's key-major scan up to the last segment's start.
-    std::vector<Vec> S(words), checkpoints(n_seg * words);
+    std::vector<Vec> checkpoints(n_seg * words);
     {
       KeyScan ks;
       start_keys(ks);
@@ -257,7 +259,8 @@ struct Head {
     }
     alignas(64) acc_t y[N];  // not needed: the forward's outputs are not recomputed
 
-    std::vector<Vec> g(words), seg_states(kSegment * words);  // g: dL/dS, carried backwards
+    // seg_states: the replay's state before each step of the segment, then after its last.
+    std::vector<Vec> g(words), seg_states((kSegment + 1) * words);  // g: dL/dS, carried backwards
     std::vector<Step> seg_steps(kSegment);  // the replay's inputs, read again by the gradient steps
     {
       const auto* gso = static_cast<const acc_t*>(p.grad_state_out) + state_offset();
@@ -272,19 +275,17 @@ struct Head {
     auto* grad_b = static_cast<scalar_t*>(p.grad_b);
     for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
       const int64_t t0 = seg * kSegment, steps = std::min(kSegment, T - t0);
-      std::copy_n(checkpoints.begin() + seg * words, words, S.begin());
+      std::copy_n(checkpoints.begin() + seg * words, words, seg_states.begin());
       for (int64_t j = 0; j < steps; ++j) {
-        std::copy(S.begin(), S.end(), seg_states.begin() + j * words);
         load_step(seg_steps[j], t0 + j);
-        step(S.data(), seg_steps[j], y);
+        step_to(seg_states.data() + j * words, seg_states.data() + (j + 1) * words, seg_steps[j], y);
       }
       for (int64_t j = steps - 1; j >= 0; --j) {
         const int64_t t = t0 + j;
         const Step& s = seg_steps[j];
         gather(gy, p.grad_out, t);
         const Vec* prev = seg_states.data() + j * words;
-        // The state after step t: the replay's next stored state, or where it ended.
-        const Vec* next = j + 1 < steps ? seg_states.data() + (j + 1) * words : S.data();
+        const Vec* next = seg_states.data() + (j + 1) * words;  // the state after step t
         ColumnGrad<Vec> acc[R];
         for (int q = 0; q < R; ++q) acc[q] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
         // Row i's column contributions need only row i's scalars, so both phases run
