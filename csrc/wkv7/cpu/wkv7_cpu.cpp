@@ -1,10 +1,12 @@
 // CPU kernels of wkv7 and their registration. A task is one (sample, head): its N x N
 // state lives in a task-local buffer (N^2 floats, 16 KiB at N = 64: L1/L2-resident),
-// stepped through the shared header wkv7_math.h that the CUDA kernels use too: the
-// forward key-major (S^T, lanes over value rows i: forward_keys), the backward
-// row-major (S, lanes over keys j: forward_rows, backward_rows, backward_column).
-// Tasks are split over threads with at::parallel_for; nothing is reduced across tasks,
-// so results do not depend on the thread count.
+// stepped through the shared header wkv7_math.h that the CUDA kernels use too. The
+// forward and the backward's checkpoint pass run key-major (S^T, lanes over value rows
+// i: forward_keys); the backward's segment replay and gradient steps run row-major (S,
+// lanes over keys j: forward_rows_to, backward_rows, backward_column_given), from
+// checkpoints transposed once each. Tasks are split over threads with
+// at::parallel_for; nothing is reduced across tasks, so results do not depend on the
+// thread count.
 //
 // Arithmetic and state are float32 for float32/float16/bfloat16 inputs (each step's
 // inputs are converted once) and float64 for float64 inputs.
