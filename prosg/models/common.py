@@ -23,7 +23,9 @@ LowRank = tuple[Tensor, Tensor]
 
 
 #: Rows up to which the CPU's decoding projections run prosg's own kernel
-#: (``lowrank_linear``'s small-batch path, csrc/lowrank_linear/lowrank_linear.h).
+#: (``lowrank_linear``'s small-batch path): must equal ``kBaseMaxRows`` in
+#: csrc/lowrank_linear/lowrank_linear.h, or a projection without a delta and one with
+#: a zero delta would take different GEMMs (tests/test_rwkv7_model.py checks the two).
 SMALL_BATCH_ROWS = 16
 
 

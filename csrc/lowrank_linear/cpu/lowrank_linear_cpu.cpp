@@ -1,5 +1,6 @@
 // CPU kernels of the per-sample low-rank product, of the shared projection of a few
-// rows, and the CPU registration of lowrank_linear. Both loops are parallel over rows (b, t) with at::parallel_for and
+// rows (base_cpu, below), and the CPU registration of lowrank_linear. The low-rank
+// product's two loops are parallel over rows (b, t) with at::parallel_for and
 // vectorised over the long dimension: each chunk packs the current sample's factor
 // transposed, [rank, dim] in float32 (float64 for float64), so the inner loops are
 // contiguous dot products (shrink) and axpys (expand) whatever the input strides.
