@@ -25,7 +25,8 @@ LowRank = tuple[Tensor, Tensor]
 #: Rows up to which the CPU's decoding projections run prosg's own kernel
 #: (``lowrank_linear``'s small-batch path): must equal ``kBaseMaxRows`` in
 #: csrc/lowrank_linear/lowrank_linear.h, or a projection without a delta and one with
-#: a zero delta would take different GEMMs (tests/test_rwkv7_model.py checks the two).
+#: a zero delta would take different GEMMs for the rows in between (no test can see
+#: the C++ constant; keep the two in step by hand).
 SMALL_BATCH_ROWS = 16
 
 
