@@ -346,10 +346,11 @@ EOF
 cat > "$OUT/cuda_emu.sh" <<EOF
 set -e
 cmake -S . -B "$OUT/cuda_emu_build" -DCMAKE_BUILD_TYPE=Release \$(command -v ninja > /dev/null && echo -G Ninja)
-cmake --build "$OUT/cuda_emu_build" --target test_cuda_kernels test_cuda_wkv7 test_cuda_emu --parallel "$MAX_JOBS"
+cmake --build "$OUT/cuda_emu_build" --target test_cuda_kernels test_cuda_wkv7 test_cuda_rwkv7_step test_cuda_emu --parallel "$MAX_JOBS"
 "$OUT/cuda_emu_build/test_cuda_emu"
 "$OUT/cuda_emu_build/test_cuda_kernels"
 "$OUT/cuda_emu_build/test_cuda_wkv7"
+"$OUT/cuda_emu_build/test_cuda_rwkv7_step"
 EOF
 
 SANITIZER=$(find_sanitizer)

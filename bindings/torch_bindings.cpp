@@ -70,6 +70,21 @@ TORCH_LIBRARY(prosg, m) {
   m.def(
       "rwkv4_channel_mix_step(Tensor x, Tensor shift, Tensor time_mix_key, Tensor time_mix_receptance, "
       "Tensor key_weight, Tensor receptance_weight, Tensor value_weight, Tensor?[] deltas, float scale) -> Tensor");
+
+  // One RWKV-7 (x070) time-mix step for a batch of single tokens (decoding, inference
+  // only): the six token-shift mixes, the receptance/key/value/output projections with
+  // optional per-sample deltas (deltas = [U_k, V_k, U_v, V_v, U_r, V_r, U_o, V_o]), the
+  // decay, in-context-rate, gate and (with v_first: layers after the first) value-residual
+  // low-rank MLPs, the wkv7 step, the per-head GroupNorm, bonus and gate. x, shift,
+  // v_first [B,C]; wkv_state [B,H,N,N] float32; r_k [H,N]. Returns (out [B,C],
+  // wkv_state_out, v [B,C]: this layer's value projection, layer 0's being v_first).
+  m.def(
+      "rwkv7_time_mix_step(Tensor x, Tensor shift, Tensor wkv_state, Tensor? v_first, Tensor x_r, "
+      "Tensor x_w, Tensor x_k, Tensor x_v, Tensor x_a, Tensor x_g, Tensor w0, Tensor w1, Tensor w2, "
+      "Tensor a0, Tensor a1, Tensor a2, Tensor g1, Tensor g2, Tensor? v0, Tensor? v1, Tensor? v2, "
+      "Tensor k_k, Tensor k_a, Tensor r_k, Tensor receptance_weight, Tensor key_weight, Tensor value_weight, "
+      "Tensor output_weight, Tensor ln_x_weight, Tensor ln_x_bias, float ln_x_eps, Tensor?[] deltas, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 // ``import prosg._C`` loads this library (and so runs the registrations above). The

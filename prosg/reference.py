@@ -147,3 +147,63 @@ def channel_mix_step_ref(
     k = torch.relu(project(_lerp(x, shift, time_mix_key.double()), key_weight, d[0])) ** 2
     return torch.sigmoid(project(_lerp(x, shift, time_mix_receptance.double()), receptance_weight, d[1])) * project(
         k, value_weight, d[2])
+
+
+def rwkv7_time_mix_step_ref(
+    x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, *, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2,
+    a0, a1, a2, g1, g2, v0, v1, v2, k_k, k_a, r_k, receptance_weight, key_weight, value_weight, output_weight,
+    ln_x_weight, ln_x_bias, ln_x_eps: float, deltas=None, scale: float = 1.0, stored: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step of RWKV-7's time mixing (``rwkv7_time_mix_step``) in float64,
+    the x070 definition written out: token-shift mixes, projections with dense
+    per-sample weights, the low-rank MLPs, the removal key and in-context rate, the
+    value residual (when ``v_first`` is given), one :func:`wkv7_ref` step, the per-head
+    GroupNorm, bonus and gate, the output projection.
+
+    x, shift, v_first: (B C); wkv_state: (B H N N); r_k: (H N); the rest as
+    ``prosg.ops.rwkv7_time_mix_step``. Returns (out (B C), wkv_state_out (B H N N),
+    v (B C): the value projection before the residual).
+
+    ``stored``: the dtype in which the op stores its intermediates (the mixes, the
+    projections, the low-rank MLPs' hidden layers and outputs, the gated output before
+    its projection; the decay MLP's in ``w1``'s dtype); each is rounded to it here, so a
+    16-bit op is compared with float64 arithmetic on the same stored values.
+    """
+    d = [None] * 4 if deltas is None else deltas
+    project = _projection(scale)
+    x, shift = x.double(), shift.double()
+    B, C = x.shape
+    H, N = r_k.shape
+
+    def rounded(t, dtype=stored):
+        return t if dtype is None else t.to(dtype).double()
+
+    def mix(m):
+        return rounded(x + (shift - x) * m.double().reshape(C))
+
+    def vec(t):
+        return t.double().reshape(C)
+
+    r = rounded(project(mix(x_r), receptance_weight, d[2]))
+    k = rounded(project(mix(x_k), key_weight, d[0]))
+    v_proj = rounded(project(mix(x_v), value_weight, d[1]))
+    w_stored = None if stored is None else w1.dtype
+    w_lin = rounded(rounded(torch.tanh(rounded(mix(x_w) @ w1.double(), w_stored)), w_stored) @ w2.double(), w_stored)
+    w = -torch.nn.functional.softplus(-(vec(w0) + w_lin)) - 0.5
+    a = torch.sigmoid(vec(a0) + rounded(rounded(mix(x_a) @ a1.double()) @ a2.double()))
+    g = rounded(rounded(torch.sigmoid(rounded(mix(x_g) @ g1.double()))) @ g2.double())
+    kk = torch.nn.functional.normalize((k * vec(k_k)).view(B, H, N), dim=-1, p=2.0).view(B, C)
+    k = k * (1 + (a - 1) * vec(k_a))
+    v = v_proj
+    if v_first is not None:
+        v_lin = rounded(rounded(mix(x_v) @ v1.double()) @ v2.double())
+        v = v + (v_first.double() - v) * torch.sigmoid(vec(v0) + v_lin)
+    heads = lambda t: t.view(B, 1, H, N)  # noqa: E731
+    y, state_out = wkv7_ref(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state)
+    y = y.view(B, H, N)
+    mean = y.mean(-1, keepdim=True)
+    var = ((y - mean) ** 2).mean(-1, keepdim=True)
+    gn = ((y - mean) / torch.sqrt(var + ln_x_eps)).view(B, C) * vec(ln_x_weight) + vec(ln_x_bias)
+    bonus = (r * k * r_k.double().reshape(C)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
+    out = project(rounded((gn + bonus.view(B, C)) * g), output_weight, d[3])
+    return out, state_out, v_proj

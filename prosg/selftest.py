@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from prosg.reference import channel_mix_step_ref, lowrank_linear_ref, time_mix_step_ref, wkv4_ref, wkv7_ref
+from prosg.reference import (
+    channel_mix_step_ref,
+    lowrank_linear_ref,
+    rwkv7_time_mix_step_ref,
+    time_mix_step_ref,
+    wkv4_ref,
+    wkv7_ref,
+)
 
 #: A float32 result further than this from the float64 reference fails the check (the
 #: errors measured are ~1e-6 .. 1e-5 at these sizes; 1e-3 leaves room, a wrong kernel is
@@ -64,6 +71,26 @@ def _checks(device: str):
     with torch.no_grad():
         out = prosg.ops.rwkv4_channel_mix_step(*args, deltas=deltas, scale=0.7)
     yield "rwkv4_channel_mix_step", out, channel_mix_step_ref(*args, deltas, 0.7)
+
+    # The RWKV-7 decode step of a later layer (value residual), 3 heads of 16, the wkv7
+    # state above, deltas on the key and output projections.
+    C7 = NH * N
+
+    def vec():
+        return torch.rand(C7, generator=g).to(device)
+
+    kw = dict(x_r=vec(), x_w=vec(), x_k=vec(), x_v=vec(), x_a=vec(), x_g=vec(), w0=r(C7, scale=0.5) - 1,
+              w1=r(C7, 8, scale=C7**-0.5), w2=r(8, C7, scale=0.3), a0=r(C7, scale=0.5), a1=r(C7, 8, scale=C7**-0.5),
+              a2=r(8, C7, scale=0.3), g1=r(C7, 8, scale=C7**-0.5), g2=r(8, C7, scale=0.3), v0=r(C7, scale=0.5),
+              v1=r(C7, 4, scale=C7**-0.5), v2=r(4, C7, scale=0.3), k_k=vec(), k_a=vec(), r_k=r(NH, N, scale=0.3),
+              receptance_weight=r(C7, C7, scale=C7**-0.5), key_weight=r(C7, C7, scale=C7**-0.5),
+              value_weight=r(C7, C7, scale=C7**-0.5), output_weight=r(C7, C7, scale=C7**-0.5),
+              ln_x_weight=vec() + 0.5, ln_x_bias=r(C7, scale=0.1), ln_x_eps=64e-5)
+    deltas = [(r(B, C7, R), r(B, C7, R, scale=C7**-0.5)), None, None, (r(B, C7, R), r(B, C7, R, scale=C7**-0.5))]
+    args = (r(B, C7), r(B, C7), state7, r(B, C7))
+    with torch.no_grad():
+        out, _, _ = prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=deltas, scale=0.7)
+    yield "rwkv7_time_mix_step", out, rwkv7_time_mix_step_ref(*args, **kw, deltas=deltas, scale=0.7)[0]
 
 
 def selftest(print_fn=print) -> dict[str, float]:

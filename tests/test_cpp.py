@@ -54,12 +54,12 @@ def test_native_cpp_tests_pass(tmp_path):
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="not running from a source tree")
 def test_cuda_kernel_suite_catches_planted_defects():
-    """The CPU execution of the CUDA kernels bites: an off-by-one read, two skipped
-    barriers (lowrank_linear's, wkv7's), a wrong chunk boundary and the empty trailing
-    chunk it once found, each
+    """The CPU execution of the CUDA kernels bites: an off-by-one read, three skipped
+    barriers (lowrank_linear's, wkv7's, rwkv7_step's), a wrong chunk boundary and the
+    empty trailing chunk it once found, each
     planted in a copy of the real .cu files, make the emulated suite fail
     (csrc/tests/cuda_emu/mutants.py; about 35 seconds)."""
     run = subprocess.run([sys.executable, str(ROOT / "csrc/tests/cuda_emu/mutants.py")], capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "all 5 mutants caught" in run.stdout, run.stdout
+    assert "all 6 mutants caught" in run.stdout, run.stdout

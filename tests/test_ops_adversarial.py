@@ -28,8 +28,9 @@ from tolerances import assert_close
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
-from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, wkv4, wkv7
+from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, rwkv7_time_mix_step, wkv4, wkv7
 from prosg.ops.rwkv4_step import CHANNEL_MIX_KINDS, TIME_MIX_KINDS
+from prosg.ops.rwkv7_step import TIME_MIX_KINDS as RWKV7_TIME_MIX_KINDS
 from prosg.reference import lowrank_linear_ref
 
 OPS = torch.ops.prosg
@@ -118,6 +119,24 @@ def _channel_mix_args():
                 deltas=_pair(7, 5) + _pair(5, 5) + _pair(5, 7), scale=0.7)
 
 
+# The RWKV-7 decode step: B=2, H=1, N=16 (C=16), low-rank widths 3/4/5/2, r=2, a later
+# layer (with v_first and the value residual's MLP).
+def _rwkv7_time_mix_args():
+    C = 16
+    vec = {n: torch.rand(C) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a")}
+    return dict(x=_randn(2, C), shift=_randn(2, C), wkv_state=_randn(2, 1, 16, 16, scale=0.3),
+                v_first=_randn(2, C), **{n: vec[n] for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")},
+                w0=_randn(C, scale=0.5), w1=_randn(C, 3, scale=0.25), w2=_randn(3, C, scale=0.3),
+                a0=_randn(C, scale=0.5), a1=_randn(C, 4, scale=0.25), a2=_randn(4, C, scale=0.3),
+                g1=_randn(C, 5, scale=0.25), g2=_randn(5, C, scale=0.3),
+                v0=_randn(C, scale=0.5), v1=_randn(C, 2, scale=0.25), v2=_randn(2, C, scale=0.3),
+                k_k=vec["k_k"], k_a=vec["k_a"], r_k=_randn(1, 16, scale=0.3),
+                receptance_weight=_randn(C, C, scale=0.25), key_weight=_randn(C, C, scale=0.25),
+                value_weight=_randn(C, C, scale=0.25), output_weight=_randn(C, C, scale=0.25),
+                ln_x_weight=torch.ones(C) + _randn(C, scale=0.1), ln_x_bias=_randn(C, scale=0.1), ln_x_eps=64e-5,
+                deltas=_pair(C, C) + _pair(C, C) + _pair(C, C) + _pair(C, C), scale=0.7)
+
+
 def _delta_factor(name: str, j: int) -> tuple[str, str]:
     return "prosg.lowrank_linear", "UV"[j % 2]
 
@@ -132,6 +151,8 @@ SPECS = {
     "rwkv4_time_mix_step": Spec(OPS.rwkv4_time_mix_step.default, _time_mix_args, "x", "shift", _delta_factor),
     "rwkv4_channel_mix_step": Spec(OPS.rwkv4_channel_mix_step.default, _channel_mix_args, "x", "shift",
                                    _delta_factor),
+    "rwkv7_time_mix_step": Spec(OPS.rwkv7_time_mix_step.default, _rwkv7_time_mix_args, "x", "shift",
+                                _delta_factor),
 }
 
 
@@ -365,6 +386,20 @@ BAD_CALLS = {
     "cm receptance delta V alone": _bad("rwkv4_channel_mix_step", deltas=_with_delta(2, None)),
     "cm value delta width": _bad("rwkv4_channel_mix_step", deltas=_with_delta(5, _randn(2, 5, 2))),
     "cm key delta batch": _bad("rwkv4_channel_mix_step", deltas=_with_delta(0, _randn(1, 7, 2))),
+    # rwkv7_time_mix_step (B=2, C=16, H=1, N=16, r=2)
+    "r7 x 1-D": _bad("rwkv7_time_mix_step", x=_randn(16)),
+    "r7 state head size": _bad("rwkv7_time_mix_step", wkv_state=_randn(2, 1, 16, 8)),
+    "r7 r_k flat": _bad("rwkv7_time_mix_step", r_k=_randn(16)),
+    "r7 r_k head size 8": _bad("rwkv7_time_mix_step", r_k=_randn(2, 8)),
+    "r7 v1 without v2": _bad("rwkv7_time_mix_step", v2=None),
+    "r7 v_first in layer 0": _bad("rwkv7_time_mix_step", v0=None, v1=None, v2=None),
+    "r7 w1 half": _bad("rwkv7_time_mix_step", w1=_randn(16, 3, dtype=torch.float16)),
+    "r7 g2 rows": _bad("rwkv7_time_mix_step", g2=_randn(4, 16)),
+    "r7 x_g elements": _bad("rwkv7_time_mix_step", x_g=torch.rand(15)),
+    "r7 eps": _bad("rwkv7_time_mix_step", ln_x_eps=-1.0),
+    "r7 deltas count": _bad("rwkv7_time_mix_step", deltas=lambda a: a["deltas"][:6]),
+    "r7 output delta width": _bad("rwkv7_time_mix_step", deltas=_with_delta(6, _randn(2, 15, 2))),
+    "r7 key delta V alone": _bad("rwkv7_time_mix_step", deltas=_with_delta(0, None)),
 }
 
 
@@ -574,10 +609,11 @@ def test_backward_ops_refuse_inputs_requiring_grad(spec_name):
 # 4. Inference-only ops refuse inputs that require grad
 
 
-STEP_SPECS = ["rwkv4_time_mix_step", "rwkv4_channel_mix_step"]
+STEP_SPECS = ["rwkv4_time_mix_step", "rwkv4_channel_mix_step", "rwkv7_time_mix_step"]
 STEP_CASES = [pytest.param(spec_name, slot, id=f"{spec_name}-{slot_id(slot)}")
               for spec_name in STEP_SPECS for slot in tensor_slots(SPECS[spec_name].make())]
-KINDS = {"rwkv4_time_mix_step": TIME_MIX_KINDS, "rwkv4_channel_mix_step": CHANNEL_MIX_KINDS}
+KINDS = {"rwkv4_time_mix_step": TIME_MIX_KINDS, "rwkv4_channel_mix_step": CHANNEL_MIX_KINDS,
+         "rwkv7_time_mix_step": RWKV7_TIME_MIX_KINDS}
 
 
 def _step_name(spec_name: str, slot) -> str:
@@ -589,10 +625,13 @@ def _step_name(spec_name: str, slot) -> str:
 
 def _python_call(spec_name: str, args: dict):
     """The public function on the op's arguments (deltas as (U, V) pairs)."""
-    fn = rwkv4_time_mix_step if spec_name == "rwkv4_time_mix_step" else rwkv4_channel_mix_step
     flat = args["deltas"]
     pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     rest = {k: v for k, v in args.items() if k not in ("deltas", "scale")}
+    if spec_name == "rwkv7_time_mix_step":
+        positional = [rest.pop(k) for k in ("x", "shift", "wkv_state", "v_first")]
+        return rwkv7_time_mix_step(*positional, **rest, deltas=pairs, scale=args["scale"])
+    fn = rwkv4_time_mix_step if spec_name == "rwkv4_time_mix_step" else rwkv4_channel_mix_step
     return fn(*rest.values(), deltas=pairs, scale=args["scale"])
 
 

@@ -31,6 +31,11 @@ struct Backend {
   void (*backward)(const Wkv7Params&);
 };
 
+// The registered backends, for other ops' host code that runs the recurrence
+// (rwkv7_step).
+const Backend& cpu_backend();
+const Backend& cuda_backend();  // defined only in CUDA builds
+
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> forward(const Wkv7Inputs& in, const Backend& backend);

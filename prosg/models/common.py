@@ -47,6 +47,19 @@ def project(x: Tensor, weight: Tensor, uv: LowRank | None, scale: float) -> Tens
     return lowrank_linear(x, weight, None, uv[0], uv[1], scale)
 
 
+def takes_fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *states: Tensor | None) -> bool:
+    """Whether a single token takes the fused decode-step op: it has no backward, so
+    only when nothing needs a gradient (generation runs under no_grad): not x, the
+    parameters, the deltas, nor the carried states (a learned initial state)."""
+    if x.dim() != 2:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(p.requires_grad for p in module.parameters())
+                or any(t.requires_grad for uv in delta.values() for t in uv)
+                or any(s is not None and s.requires_grad for s in states))
+
+
 def batch_hint(t: Tensor, batch: int) -> str:
     if t.dim() == 3 and t.shape[0] != batch:
         return f" (batch size {t.shape[0]}, but input_ids has batch size {batch})"

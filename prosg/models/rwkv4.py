@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.checks import check_count
-from prosg.models.common import RWKVLanguageModel, project, token_shift
+from prosg.models.common import RWKVLanguageModel, project, takes_fused_step, token_shift
 from prosg.models.config import RWKV4Config
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import ATTENTION_KINDS, FEED_FORWARD_KINDS, RWKV4State, parse_delta_name
@@ -48,19 +48,6 @@ def _fused_factor(x: Tensor, uv: LowRank | None, scale: float) -> LowRank | None
     return (z if scale == 1.0 else z * scale), U
 
 
-def _fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *states: Tensor | None) -> bool:
-    """Whether a single token takes the fused decode-step op: it has no backward, so
-    only when nothing needs a gradient (generation runs under no_grad): not x, the
-    parameters, the deltas, nor the carried states (a learned initial state)."""
-    if x.dim() != 2:
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not (x.requires_grad or any(p.requires_grad for p in module.parameters())
-                or any(t.requires_grad for uv in delta.values() for t in uv)
-                or any(s is not None and s.requires_grad for s in states))
-
-
 class RWKV4TimeMix(nn.Module):
     """Time-mixing (transformers' ``RwkvSelfAttention``)."""
 
@@ -82,7 +69,7 @@ class RWKV4TimeMix(nn.Module):
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """``x``: the ``ln1`` output, ``[B, T, H]`` or ``[B, H]`` for one token.
         Returns ``(output, x of the last token, WKV state)``."""
-        if _fused_step(self, x, delta, prev, wkv_state):
+        if takes_fused_step(self, x, delta, prev, wkv_state):
             if wkv_state is None:
                 wkv_state = torch.zeros(x.shape[0], 3, self.time_decay.shape[0], dtype=accumulation_dtype(x.dtype),
                                         device=x.device)
@@ -128,7 +115,7 @@ class RWKV4ChannelMix(nn.Module):
     def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
                 scale: float) -> tuple[Tensor, Tensor]:
         """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
-        if _fused_step(self, x, delta, prev):
+        if takes_fused_step(self, x, delta, prev):
             out = rwkv4_channel_mix_step(
                 x, prev if prev is not None else torch.zeros_like(x), self.time_mix_key, self.time_mix_receptance,
                 self.key.weight, self.receptance.weight, self.value.weight,

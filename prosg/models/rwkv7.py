@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.checks import check_count
-from prosg.models.common import RWKVLanguageModel, project, token_shift
+from prosg.models.common import RWKVLanguageModel, project, takes_fused_step, token_shift
 from prosg.models.config import RWKV7Config
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import RWKV7State, parse_delta_name
 from prosg.numerics import accumulation_dtype
-from prosg.ops import wkv7
+from prosg.ops import rwkv7_time_mix_step, wkv7
 
 LowRank = tuple[Tensor, Tensor]
 
@@ -111,6 +111,8 @@ class RWKV7TimeMix(nn.Module):
         B, C = x.shape[0], x.shape[-1]
         T = 1 if single else x.shape[1]
         nh, N = self.num_heads, self.head_size
+        if takes_fused_step(self, x, delta, prev, wkv_state, v_first):
+            return self._fused_step(x, prev, wkv_state, v_first, delta, scale)
         xr, xw, xk, xv, xa, xg = self.mixes(x, token_shift(x, prev))
         r = project(xr, self.receptance.weight, delta.get("receptance"), scale)
         k = project(xk, self.key.weight, delta.get("key"), scale)
@@ -139,6 +141,25 @@ class RWKV7TimeMix(nn.Module):
         out = (out.view(B, T, C) + bonus.view(B, T, C)).view(x.shape) * g
         out = project(out, self.output.weight, delta.get("output"), scale)
         return out, (x if single else x[:, -1]), wkv_state, v_first
+
+    def _fused_step(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, v_first: Tensor | None,
+                    delta: dict[str, LowRank], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One token through the fused decode-step op (prosg.ops.rwkv7_time_mix_step):
+        the same arithmetic as :meth:`forward` in one call, without its ~45 small ops."""
+        if wkv_state is None:
+            wkv_state = torch.zeros(x.shape[0], self.num_heads, self.head_size, self.head_size,
+                                    dtype=accumulation_dtype(x.dtype), device=x.device)
+        later = self.layer_id > 0
+        out, wkv_state, v = rwkv7_time_mix_step(
+            x, prev if prev is not None else torch.zeros_like(x), wkv_state, v_first if later else None,
+            x_r=self.x_r, x_w=self.x_w, x_k=self.x_k, x_v=self.x_v, x_a=self.x_a, x_g=self.x_g,
+            w0=self.w0, w1=self.w1, w2=self.w2, a0=self.a0, a1=self.a1, a2=self.a2, g1=self.g1, g2=self.g2,
+            v0=self.v0 if later else None, v1=self.v1 if later else None, v2=self.v2 if later else None,
+            k_k=self.k_k, k_a=self.k_a, r_k=self.r_k, receptance_weight=self.receptance.weight,
+            key_weight=self.key.weight, value_weight=self.value.weight, output_weight=self.output.weight,
+            ln_x_weight=self.ln_x.weight, ln_x_bias=self.ln_x.bias, ln_x_eps=self.ln_x.eps,
+            deltas=[delta.get(kind) for kind in ATTENTION_KINDS], scale=scale)
+        return out, x, wkv_state, (v_first if later else v)
 
 
 class RWKV7ChannelMix(nn.Module):

@@ -1,6 +1,6 @@
 """Shows that the CPU execution of the CUDA kernels bites: plants known defects in
 copies of the real .cu files, one at a time, and checks that the emulated kernel
-suites (test_cuda_kernels, test_cuda_wkv7) fail on each.
+suites (test_cuda_kernels, test_cuda_wkv7, test_cuda_rwkv7_step) fail on each.
 
     python csrc/tests/cuda_emu/mutants.py [--build-dir DIR] [--keep]
 
@@ -72,6 +72,15 @@ MUTANTS = (
         "        // Column phase",
         ("wkv7_every_head_size",),
         exe="test_cuda_wkv7",
+    ),
+    Mutant(
+        "skipped barrier (rwkv7_step's block sum lets the next sum overwrite the buffer before every "
+        "thread has read this one)",
+        "csrc/rwkv7_step/cuda/rwkv7_step_kernels.cu",
+        "  const float total = buf[0];\n  __syncthreads();",
+        "  const float total = buf[0];",
+        ("rwkv7_step_float32",),
+        exe="test_cuda_rwkv7_step",
     ),
 )
 # The empty-chunk mutant also drops the launcher's own check (else it only refuses).

@@ -371,6 +371,8 @@ constexpr Backend kCpu{&forward_cpu, &backward_cpu};
 
 }  // namespace
 
+const Backend& cpu_backend() { return kCpu; }
+
 TORCH_LIBRARY_IMPL(prosg, CPU, m) {
   m.impl("wkv7", &forward_op<kCpu>);
   m.impl("wkv7_backward", &backward_op<kCpu>);

@@ -27,6 +27,8 @@ constexpr Backend kCuda{&forward_cuda, &backward_cuda};
 
 }  // namespace
 
+const Backend& cuda_backend() { return kCuda; }
+
 TORCH_LIBRARY_IMPL(prosg, CUDA, m) {
   m.impl("wkv7", &forward_op<kCuda>);
   m.impl("wkv7_backward", &backward_op<kCuda>);

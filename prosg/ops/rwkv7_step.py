@@ -1,0 +1,160 @@
+"""Fused RWKV-7 decode step: one x070 time-mix step for a batch of single tokens, three
+fused element kernels, the low-rank MLPs, the (per-sample perturbed) projections and
+the wkv7 recurrence's own kernel, all in one call from Python.
+
+Inference only: it carries no autograd formula (training runs the sequence path,
+``prosg.ops.wkv7`` and ``prosg.ops.lowrank_linear``, which do). Calling it with any
+input that requires grad while grad mode is on is an error; under torch.no_grad() and
+torch.inference_mode() it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prosg.ops._checks import (
+    accumulation_dtype,
+    allows_double,
+    check,
+    check_dtype,
+    check_floating,
+    check_same_device,
+    check_shape,
+    register_not_differentiable,
+    scalar_type_name,
+    shape_str,
+)
+from prosg.ops.lowrank_linear import validate as validate_lowrank_linear
+from prosg.ops.rwkv4_step import _delta_name, _delta_pairs, _flatten
+
+LowRank = tuple[Tensor, Tensor]
+
+_OP = "prosg.rwkv7_time_mix_step"
+#: The projections a delta may perturb, in the order of ``deltas``.
+TIME_MIX_KINDS = ("key", "value", "receptance", "output")
+
+
+def rwkv7_time_mix_step(
+    x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, *,
+    x_r: Tensor, x_w: Tensor, x_k: Tensor, x_v: Tensor, x_a: Tensor, x_g: Tensor,
+    w0: Tensor, w1: Tensor, w2: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, g1: Tensor, g2: Tensor,
+    v0: Tensor | None, v1: Tensor | None, v2: Tensor | None, k_k: Tensor, k_a: Tensor, r_k: Tensor,
+    receptance_weight: Tensor, key_weight: Tensor, value_weight: Tensor, output_weight: Tensor,
+    ln_x_weight: Tensor, ln_x_bias: Tensor, ln_x_eps: float,
+    deltas: list[LowRank | None] | None = None, scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One RWKV-7 time-mix step (what ``RWKV7TimeMix`` computes for one token).
+
+    Shapes, with C = H * N channels:
+
+    - ``x, shift [B, C]``: this and the previous token's ``ln1`` outputs;
+    - ``wkv_state [B, H, N, N]`` float32 (float64 for float64 inputs), ``[value, key]``;
+    - ``v_first [B, C]``: layer 0's value for the value residual, or None in layer 0
+      (then ``v0, v1, v2`` are None too);
+    - ``x_r ... x_g, w0, a0, v0, k_k, k_a, ln_x_weight, ln_x_bias``: C elements each;
+    - ``w1 [C, Dw], w2 [Dw, C]`` (x's dtype or float32), ``a1/a2``, ``g1/g2``,
+      ``v1/v2`` likewise in x's dtype; ``r_k [H, N]``; the four weights ``[C, C]``;
+    - ``deltas``: ``(U [B, C, r], V [B, C, r])`` or None for the key, value,
+      receptance and output projections.
+
+    Returns ``(out [B, C], wkv_state [B, H, N, N], v [B, C])``; ``v`` is this layer's
+    value projection, which the later layers take as ``v_first`` when this is layer 0.
+    """
+    flat = _flatten("rwkv7_time_mix_step", deltas, TIME_MIX_KINDS)
+    return torch.ops.prosg.rwkv7_time_mix_step.default(
+        x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1, g2, v0, v1, v2,
+        k_k, k_a, r_k, receptance_weight, key_weight, value_weight, output_weight, ln_x_weight, ln_x_bias,
+        float(ln_x_eps), flat, float(scale))
+
+
+# ------------------------------------------------------------------------------------
+# Validation (csrc/rwkv7_step/rwkv7_step.cpp, same order and words) and the fake kernel
+
+
+def _check_vector(name: str, t: Tensor, C, x: Tensor) -> None:
+    check(t.numel() == C, lambda: f"{_OP}: {name} must have C={C} elements, got shape {shape_str(t.shape)}")
+    check_same_device(_OP, name, t, x, "x")
+    check_floating(_OP, name, t, allow_double=allows_double(t))
+
+
+def _check_matrix(name: str, t: Tensor, rows, cols, dtype: torch.dtype, x: Tensor) -> None:
+    check_shape(_OP, name, t, (rows, cols))
+    check_same_device(_OP, name, t, x, "x")
+    check_dtype(_OP, name, t, dtype)
+
+
+def _check_mlp(first_name: str, first: Tensor, second_name: str, second: Tensor, dtype: torch.dtype, C,
+               x: Tensor) -> None:
+    check(first.dim() == 2,
+          lambda: f"{_OP}: {first_name} must have shape [C={C}, D], got {shape_str(first.shape)}")
+    D = first.shape[1]
+    _check_matrix(first_name, first, C, D, dtype, x)
+    _check_matrix(second_name, second, D, C, dtype, x)
+
+
+def validate_time_mix_step(x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1,
+                           g2, v0, v1, v2, k_k, k_a, r_k, receptance_weight, key_weight, value_weight,
+                           output_weight, ln_x_weight, ln_x_bias, ln_x_eps, deltas) -> None:
+    check(x.dim() == 2, lambda: f"{_OP}: x must have shape [B, C] (one token per sample), got {shape_str(x.shape)}")
+    check_floating(_OP, "x", x, allow_double=allows_double(x))
+    B, C = x.shape
+    check_shape(_OP, "shift", shift, (B, C))
+    check_same_device(_OP, "shift", shift, x, "x")
+    check_dtype(_OP, "shift", shift, x.dtype)
+    check(r_k.dim() == 2 and r_k.shape[0] * r_k.shape[1] == C,
+          lambda: f"{_OP}: r_k must have shape [H, N] with H * N = C={C}, got {shape_str(r_k.shape)}")
+    H, N = r_k.shape
+    check(N in (16, 32, 64, 128),
+          lambda: f"{_OP}: the head size N (r_k's last dimension) must be 16, 32, 64 or 128, got {N}")
+    check_same_device(_OP, "r_k", r_k, x, "x")
+    check_floating(_OP, "r_k", r_k, allow_double=allows_double(r_k))
+    acc = accumulation_dtype(x.dtype)
+    check_shape(_OP, "wkv_state", wkv_state, (B, H, N, N))
+    check_same_device(_OP, "wkv_state", wkv_state, x, "x")
+    check_dtype(_OP, "wkv_state", wkv_state, acc)
+    residual = v_first is not None
+    for name, t in (("v0", v0), ("v1", v1), ("v2", v2)):
+        check((t is not None) == residual,
+              lambda: f"{_OP}: v_first, v0, v1 and v2 come together (layers after the first) or not at all "
+                      f"(layer 0); got v_first {'with' if residual else 'without'} {name}")
+    if residual:
+        check_shape(_OP, "v_first", v_first, (B, C))
+        check_same_device(_OP, "v_first", v_first, x, "x")
+        check_dtype(_OP, "v_first", v_first, x.dtype)
+    for name, t in (("x_r", x_r), ("x_w", x_w), ("x_k", x_k), ("x_v", x_v), ("x_a", x_a), ("x_g", x_g),
+                    ("w0", w0), ("a0", a0), ("k_k", k_k), ("k_a", k_a), ("ln_x_weight", ln_x_weight),
+                    ("ln_x_bias", ln_x_bias)):
+        _check_vector(name, t, C, x)
+    if residual:
+        _check_vector("v0", v0, C, x)
+    check(w1.dtype in (x.dtype, acc),
+          lambda: f"{_OP}: w1 must have x's dtype ({scalar_type_name(x.dtype)}) or {scalar_type_name(acc)}, got "
+                  f"{scalar_type_name(w1.dtype)}")
+    _check_mlp("w1", w1, "w2", w2, w1.dtype, C, x)
+    _check_mlp("a1", a1, "a2", a2, x.dtype, C, x)
+    _check_mlp("g1", g1, "g2", g2, x.dtype, C, x)
+    if residual:
+        _check_mlp("v1", v1, "v2", v2, x.dtype, C, x)
+    for name, t in (("receptance_weight", receptance_weight), ("key_weight", key_weight),
+                    ("value_weight", value_weight), ("output_weight", output_weight)):
+        _check_matrix(name, t, C, C, x.dtype, x)
+    check(ln_x_eps > 0, lambda: f"{_OP}: ln_x_eps must be positive, got {ln_x_eps:g}")
+    dk, dv, dr, do = _delta_pairs(_OP, deltas, TIME_MIX_KINDS)
+    # The projections' own checks (lowrank_linear's), in the C++ order: receptance,
+    # key, value on [B, C] mixes of x, the output on the gated [B, C].
+    for weight, uv in ((receptance_weight, dr), (key_weight, dk), (value_weight, dv), (output_weight, do)):
+        validate_lowrank_linear("prosg.lowrank_linear", x, weight, None, *uv)
+
+
+@torch.library.register_fake("prosg::rwkv7_time_mix_step")
+def _time_mix_step_fake(x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1, g2,
+                        v0, v1, v2, k_k, k_a, r_k, wr, wk, wv, wo, ln_w, ln_b, ln_eps, deltas, scale):
+    validate_time_mix_step(x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1, g2,
+                           v0, v1, v2, k_k, k_a, r_k, wr, wk, wv, wo, ln_w, ln_b, ln_eps, deltas)
+    return x.new_empty(x.shape), wkv_state.new_empty(wkv_state.shape), x.new_empty(x.shape)
+
+
+_INFERENCE_ONLY = ("is inference-only (no backward): call it under torch.no_grad() or torch.inference_mode(), "
+                   "or use the sequence path (prosg.ops.wkv7 / lowrank_linear) for training")
+register_not_differentiable("prosg::rwkv7_time_mix_step", _INFERENCE_ONLY, _delta_name(TIME_MIX_KINDS))
