@@ -17,6 +17,11 @@ weights; the speed does not depend on them). Groups:
   memory bandwidth measured here (a copy of 512 MiB), the bound no decode beats.
 * ``decode B=8``: the same with 8 sequences; ``rwkv`` runs one sequence at a time, so
   its tokens/s is its B=1 figure (compare ``prosg``'s B=8 ``tokens_per_s`` with it).
+* ``decode, interleaved rounds``: every decode target as a ratio of measurements taken
+  one after another in the same round (the package, prosg at B=1 and B=8 with and
+  without deltas, the copy bandwidth), five rounds; the ratios and their medians are in
+  ``extra_info`` (``-s`` prints them). The shared host's speed drifts by 20-30% between
+  the groups above, which run minutes apart; these ratios do not see that drift.
 
 Run (the machine is shared; single-threaded process time is stable there):
 ``PYTHONPATH=. pytest benchmarks/bench_model_rwkv7.py --bench-threads=1
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import statistics
 import time
 
 import pytest
@@ -143,6 +149,67 @@ def test_decode(benchmark, models, batch, impl):
     if impl == "prosg" and batch == 1:
         benchmark.extra_info["floor_ms"] = 1e3 * _bytes_per_token(ours) / _bandwidth()
         benchmark.extra_info["ms_per_token"] = 1e3 * benchmark.stats.stats.mean / NEW_TOKENS
+
+
+def test_decode_interleaved(benchmark, models):
+    """The decode targets as ratios of adjacent measurements: each round times, one
+    after another, the rwkv package at B=1, prosg at B=1 and B=8 with and without the
+    rank-8 deltas, and the copy bandwidth behind the weight-read floor; every ratio is
+    taken within a round, so a slow or fast phase of the shared host moves both of its
+    sides (the separate groups above run minutes apart). ``extra_info`` holds each
+    ratio per round and its median; ``-s`` prints them."""
+    ours, theirs = models
+    prompt = torch.randint(0, VOCAB, (8, PROMPT), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, rwkv_state0 = theirs.forward(prompt[0].tolist(), None)
+    first = int(logits.argmax())
+    deltas = {b: random_delta(ours, b, RANK, seed=1) for b in (1, 8)}
+    states = {}
+    with torch.no_grad():
+        for b in (1, 8):
+            for d in (None, deltas[b]):
+                states[b, d is not None] = ours(prompt[:b, :-1], delta=d, logits_to_keep=1)[1]
+
+    def rwkv_decode():
+        state, token = [s.clone() for s in rwkv_state0], first
+        for _ in range(NEW_TOKENS):
+            logits, state = theirs.forward(token, state)
+            token = int(logits.argmax())
+
+    def prosg_decode(b, with_delta):
+        ours.generate(prompt[:b, -1:], NEW_TOKENS, deltas[b] if with_delta else None, state=states[b, with_delta])
+
+    def timed(fn, *args):
+        t = time.process_time()
+        with torch.no_grad():
+            fn(*args)
+        return time.process_time() - t
+
+    floor_bytes = _bytes_per_token(ours)
+    ratios: dict[str, list[float]] = {k: [] for k in (
+        "decode_b1_vs_rwkv", "decode_b1_vs_floor", "decode_b8_tokens_per_s_vs_rwkv", "delta_cost_b1",
+        "delta_cost_b8")}
+
+    def one_round():
+        rwkv = timed(rwkv_decode)
+        p1, p1d = timed(prosg_decode, 1, False), timed(prosg_decode, 1, True)
+        p8, p8d = timed(prosg_decode, 8, False), timed(prosg_decode, 8, True)
+        floor_s = floor_bytes / _bandwidth()
+        ratios["decode_b1_vs_rwkv"].append(rwkv / p1)
+        ratios["decode_b1_vs_floor"].append(p1 / NEW_TOKENS / floor_s)
+        ratios["decode_b8_tokens_per_s_vs_rwkv"].append(8 * rwkv / p8)
+        ratios["delta_cost_b1"].append(p1d / p1 - 1)
+        ratios["delta_cost_b8"].append(p8d / p8 - 1)
+
+    benchmark.group = "rwkv7 decode, interleaved rounds (ratios in extra_info)"
+    benchmark.pedantic(one_round, rounds=5, iterations=1, warmup_rounds=1)
+    # The warm-up round is not a measurement.
+    for k in ratios:
+        ratios[k] = ratios[k][1:]
+    for k, v in ratios.items():
+        benchmark.extra_info[k] = [round(x, 3) for x in v]
+        benchmark.extra_info[k + "_median"] = round(statistics.median(v), 3)
+        print(f"{k:32s} median {statistics.median(v):7.3f}  rounds {', '.join(f'{x:.3f}' for x in v)}")
 
 
 def test_outputs_agree(models):
