@@ -170,54 +170,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs
   const at::Tensor w0 = channel_vector(in.w0, d), a0 = channel_vector(in.a0, d), k_k = channel_vector(in.k_k, d),
                    k_a = channel_vector(in.k_a, d);
 
-  at::Tensor prepared = at::empty({6, B, C}, x.options().dtype(d.acc));
-  if (prepared.numel() > 0) {
-    Rwkv7PrepareParams p;
-    p.batch = B;
-    p.heads = H;
-    p.head_size = N;
-    p.dtype = to_dtype(d.dtype);
-    p.r = r.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
-    p.v_first = residual ? v_first.data_ptr() : nullptr;
-    p.w_lin = w_lin.data_ptr();
-    p.a_lin = a_lin.data_ptr();
-    p.v_lin = residual ? v_lin.data_ptr() : nullptr;
-    p.w0 = w0.data_ptr();
-    p.a0 = a0.data_ptr();
-    p.v0 = residual ? v0.data_ptr() : nullptr;
-    p.k_k = k_k.data_ptr();
-    p.k_a = k_a.data_ptr();
-    p.out = prepared.data_ptr();
-    backend.prepare(p);
-  }
-
-  const auto step_input = [&](int64_t i) { return prepared[i].view({B, 1, H, N}); };
-  const Opt state = in.wkv_state;
-  auto [y, state_out] = wkv7::forward(
-      {step_input(0), step_input(1), step_input(2), step_input(3), step_input(4), step_input(5), state},
-      backend.wkv7);
-
+  Rwkv7PrepareParams pp;
+  pp.batch = B;
+  pp.heads = H;
+  pp.head_size = N;
+  pp.dtype = to_dtype(d.dtype);
+  pp.r = r.data_ptr();
+  pp.k = k.data_ptr();
+  pp.v = v.data_ptr();
+  pp.v_first = residual ? v_first.data_ptr() : nullptr;
+  pp.w_lin = w_lin.data_ptr();
+  pp.a_lin = a_lin.data_ptr();
+  pp.v_lin = residual ? v_lin.data_ptr() : nullptr;
+  pp.w0 = w0.data_ptr();
+  pp.a0 = a0.data_ptr();
+  pp.v0 = residual ? v0.data_ptr() : nullptr;
+  pp.k_k = k_k.data_ptr();
+  pp.k_a = k_a.data_ptr();
   const at::Tensor r_k = channel_vector(in.r_k, d), ln_w = channel_vector(in.ln_x_weight, d),
                    ln_b = channel_vector(in.ln_x_bias, d);
   at::Tensor gated = at::empty({B, C}, x.options());
-  if (gated.numel() > 0) {
-    const at::Tensor yc = y.contiguous();
-    Rwkv7OutputParams p;
-    p.batch = B;
-    p.heads = H;
-    p.head_size = N;
-    p.dtype = to_dtype(d.dtype);
-    p.eps = in.ln_x_eps;
-    p.y = yc.data_ptr();
-    p.prepared = prepared.data_ptr();
-    p.g = g.data_ptr();
-    p.r_k = r_k.data_ptr();
-    p.ln_weight = ln_w.data_ptr();
-    p.ln_bias = ln_b.data_ptr();
-    p.out = gated.data_ptr();
-    backend.output(p);
+  Rwkv7OutputParams op;
+  op.batch = B;
+  op.heads = H;
+  op.head_size = N;
+  op.dtype = to_dtype(d.dtype);
+  op.eps = in.ln_x_eps;
+  op.g = g.data_ptr();
+  op.r_k = r_k.data_ptr();
+  op.ln_weight = ln_w.data_ptr();
+  op.ln_bias = ln_b.data_ptr();
+  op.out = gated.data_ptr();
+
+  at::Tensor state_out;
+  if (backend.step != nullptr) {
+    const at::Tensor state_in = in.wkv_state.contiguous();
+    state_out = at::empty_like(state_in);
+    if (gated.numel() > 0) {
+      Rwkv7StepParams sp;
+      sp.prepare = pp;
+      sp.output = op;
+      sp.state_in = state_in.data_ptr();
+      sp.state_out = state_out.data_ptr();
+      backend.step(sp);
+    }
+  } else {
+    at::Tensor prepared = at::empty({6, B, C}, x.options().dtype(d.acc));
+    if (prepared.numel() > 0) {
+      pp.out = prepared.data_ptr();
+      backend.prepare(pp);
+    }
+    const auto step_input = [&](int64_t i) { return prepared[i].view({B, 1, H, N}); };
+    const Opt state = in.wkv_state;
+    auto [y, new_state] = wkv7::forward(
+        {step_input(0), step_input(1), step_input(2), step_input(3), step_input(4), step_input(5), state},
+        backend.wkv7);
+    state_out = new_state;
+    if (gated.numel() > 0) {
+      const at::Tensor yc = y.contiguous();
+      op.y = yc.data_ptr();
+      op.prepared = prepared.data_ptr();
+      backend.output(op);
+    }
   }
   return {project(gated, in.output_weight, dout, scale, backend), state_out, v};
 }

@@ -1,7 +1,6 @@
 // Host side of the fused RWKV-7 decode step, shared by the CPU and CUDA registrations:
-// validation, the projections (lowrank_linear for per-sample deltas), the low-rank
-// MLPs (ATen GEMMs), three element kernels and the wkv7 step (wkv7's own host code
-// and kernels, T = 1).
+// validation, the mix kernel, the projections (lowrank_linear for per-sample deltas),
+// the low-rank MLPs (ATen GEMMs), then the backend's rest of the step (see Backend).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,12 +19,16 @@ namespace prosg::rwkv7_step {
 using Opt = std::optional<at::Tensor>;
 using OptList = c10::List<std::optional<at::Tensor>>;
 
+// A backend runs either `step` (prepare, the state update and output in one pass: the
+// CPU's) or, when `step` is null, `prepare`, wkv7's own kernel with T = 1 and `output`
+// one after another (the CUDA backend's).
 struct Backend {
   void (*mix)(const Rwkv7MixParams&);
   void (*prepare)(const Rwkv7PrepareParams&);
   void (*output)(const Rwkv7OutputParams&);
   const wkv7::Backend& wkv7;
   const lowrank::Backend& lowrank;
+  void (*step)(const Rwkv7StepParams&) = nullptr;
 };
 
 // The arguments of rwkv7_time_mix_step, as the schema orders them, built once per call.

@@ -53,4 +53,14 @@ struct Rwkv7OutputParams {
   void* out = nullptr;            // [B, C]
 };
 
+// All of a step after the mixes and the projections in one pass per (sample, head):
+// prepare, the state update of wkv7_math.h (row-major, one step) and the output. The
+// CPU's kernel; the CUDA backend runs prepare, wkv7 and output instead.
+struct Rwkv7StepParams {
+  Rwkv7PrepareParams prepare;      // its `out` is not used
+  Rwkv7OutputParams output;        // its `y` and `prepared` are not used
+  const void* state_in = nullptr;  // [B, H, N, N] acc, [value, key]
+  void* state_out = nullptr;       // [B, H, N, N] acc
+};
+
 }  // namespace prosg

@@ -1,6 +1,7 @@
-"""Fused RWKV-7 decode step: one x070 time-mix step for a batch of single tokens, three
-fused element kernels, the low-rank MLPs, the (per-sample perturbed) projections and
-the wkv7 recurrence's own kernel, all in one call from Python.
+"""Fused RWKV-7 decode step: one x070 time-mix step for a batch of single tokens in one
+call from Python: a mix kernel, the (per-sample perturbed) projections, the low-rank
+MLPs, then on the CPU one pass per (sample, head) for the rest (the state update row by
+row, no transposes), on CUDA a prepare kernel, wkv7's own kernel and an output kernel.
 
 Inference only: it carries no autograd formula (training runs the sequence path,
 ``prosg.ops.wkv7`` and ``prosg.ops.lowrank_linear``, which do). Calling it with any

@@ -1,7 +1,10 @@
-// CPU kernels of the fused RWKV-7 decode step and its registration. A decode step
-// touches B*C elements per kernel (a few thousand): plain loops over (sample, head)
-// with at::parallel_for, the arithmetic from rwkv7_step_math.h; the recurrence is
-// wkv7's CPU kernel.
+// CPU kernels of the fused RWKV-7 decode step and its registration. After the mix
+// (a plain loop) and the projections, one pass per (sample, head) does the rest
+// (step_cpu): prepare (rwkv7_step_math.h), the state update of wkv7_math.h row by row
+// (S is stored [value i, key j], so a row is contiguous: at::vec lanes over j, four rows
+// at a time, no transposes: for one token the key-major form of wkv7's own kernel pays
+// more for its two transposes than for the step), the output: the arithmetic of the
+// CUDA backend's prepare, wkv7 and output kernels in one pass, without their buffers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +14,8 @@
 #include "common/torch_utils.h"
 #include "rwkv7_step/rwkv7_step.h"
 #include "rwkv7_step/rwkv7_step_math.h"
+#include "wkv7/cpu/wkv7_cpu_ops.h"
+#include "wkv7/wkv7_math.h"
 
 namespace prosg::rwkv7_step {
 namespace {
@@ -38,90 +43,87 @@ void mix_cpu(const Rwkv7MixParams& p) {
   });
 }
 
-void prepare_cpu(const Rwkv7PrepareParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "rwkv7_prepare_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto* r = static_cast<const scalar_t*>(p.r);
-    const auto* k = static_cast<const scalar_t*>(p.k);
-    const auto* v = static_cast<const scalar_t*>(p.v);
-    const auto* v_first = static_cast<const scalar_t*>(p.v_first);
-    const auto* w_lin = static_cast<const acc_t*>(p.w_lin);
-    const auto* a_lin = static_cast<const acc_t*>(p.a_lin);
-    const auto* v_lin = static_cast<const acc_t*>(p.v_lin);
-    const auto* w0 = static_cast<const acc_t*>(p.w0);
-    const auto* a0 = static_cast<const acc_t*>(p.a0);
-    const auto* v0 = static_cast<const acc_t*>(p.v0);
-    const auto* k_k = static_cast<const acc_t*>(p.k_k);
-    const auto* k_a = static_cast<const acc_t*>(p.k_a);
-    auto* out = static_cast<acc_t*>(p.out);
-    const int64_t N = p.head_size, C = p.heads * N, BC = p.batch * C;
-    const bool residual = v_first != nullptr;
-    at::parallel_for(0, p.batch * p.heads, grain(8 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / p.heads, base = b * C + (bh % p.heads) * N, c0 = base - b * C;
-        acc_t sum_sq = 0;
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t kk = static_cast<acc_t>(k[base + j]) * k_k[c0 + j];
-          sum_sq += kk * kk;
-        }
-        const acc_t divisor = normalize_divisor(sum_sq);
-        for (int64_t j = 0; j < N; ++j) {
-          const int64_t i = base + j, c = c0 + j;
-          const Prepared<acc_t> q = prepare<acc_t>(
-              static_cast<acc_t>(r[i]), static_cast<acc_t>(k[i]), static_cast<acc_t>(v[i]), w_lin[i], a_lin[i], w0[c],
-              a0[c], k_k[c], k_a[c], divisor, residual, residual ? v_lin[i] : acc_t(0), residual ? v0[c] : acc_t(0),
-              residual ? static_cast<acc_t>(v_first[i]) : acc_t(0));
-          out[i] = q.r;
-          out[BC + i] = q.w;
-          out[2 * BC + i] = q.k;
-          out[3 * BC + i] = q.v;
-          out[4 * BC + i] = q.a;
-          out[5 * BC + i] = q.b;
-        }
-      }
-    });
-  });
+// One (sample, head) of step_cpu with head size N.
+template <typename scalar_t, int N>
+void step_head(const Rwkv7StepParams& sp, int64_t bh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Ops = wkv7::VecOps<acc_t>;
+  constexpr int kLanes = Vec::size(), R = N / kLanes, kRows = 4;
+  static_assert(N % kLanes == 0 && N % kRows == 0);
+  const Rwkv7PrepareParams& p = sp.prepare;
+  const Rwkv7OutputParams& o = sp.output;
+  const int64_t C = p.heads * N, b = bh / p.heads, c0 = (bh % p.heads) * N, base = b * C + c0;
+  const bool residual = p.v_first != nullptr;
+  const auto in = [&](const void* t, int64_t j) { return static_cast<acc_t>(static_cast<const scalar_t*>(t)[base + j]); };
+  const auto acc_at = [](const void* t, int64_t i) { return static_cast<const acc_t*>(t)[i]; };
+
+  // prepare: the step's inputs, and the decay d = exp(-exp(w)) as wkv7's kernels form it.
+  alignas(64) acc_t r[N], d[N], k[N], v[N], a[N], bb[N], y[N];
+  acc_t sum_sq = 0;
+  for (int j = 0; j < N; ++j) {
+    const acc_t kk = in(p.k, j) * acc_at(p.k_k, c0 + j);
+    sum_sq += kk * kk;
+  }
+  const acc_t divisor = normalize_divisor(sum_sq);
+  for (int j = 0; j < N; ++j) {
+    const int64_t i = base + j, c = c0 + j;
+    const Prepared<acc_t> q = prepare<acc_t>(
+        in(p.r, j), in(p.k, j), in(p.v, j), acc_at(p.w_lin, i), acc_at(p.a_lin, i), acc_at(p.w0, c),
+        acc_at(p.a0, c), acc_at(p.k_k, c), acc_at(p.k_a, c), divisor, residual, residual ? acc_at(p.v_lin, i) : acc_t(0),
+        residual ? acc_at(p.v0, c) : acc_t(0), residual ? in(p.v_first, j) : acc_t(0));
+    r[j] = q.r, d[j] = wkv7::decay<wkv7::ScalarOps>(q.w), k[j] = q.k, v[j] = q.v, a[j] = q.a, bb[j] = q.b;
+  }
+
+  // The state update, kRows value rows at a time.
+  Vec rv[R], dv[R], kv[R], av[R], bv[R];
+  for (int q = 0; q < R; ++q) {
+    rv[q] = Vec::loadu(r + q * kLanes), dv[q] = Vec::loadu(d + q * kLanes), kv[q] = Vec::loadu(k + q * kLanes);
+    av[q] = Vec::loadu(a + q * kLanes), bv[q] = Vec::loadu(bb + q * kLanes);
+  }
+  const acc_t* s_in = static_cast<const acc_t*>(sp.state_in) + bh * N * N;
+  acc_t* s_out = static_cast<acc_t*>(sp.state_out) + bh * N * N;
+  for (int i = 0; i < N; i += kRows) {
+    Vec rows[kRows * R];
+    for (int m = 0; m < kRows; ++m)
+      for (int q = 0; q < R; ++q) rows[m * R + q] = Vec::loadu(s_in + (i + m) * N + q * kLanes);
+    wkv7::forward_rows<Ops, R, kRows>(rows, rv, dv, kv, av, bv, v + i, y + i);
+    for (int m = 0; m < kRows; ++m)
+      for (int q = 0; q < R; ++q) rows[m * R + q].store(s_out + (i + m) * N + q * kLanes);
+  }
+
+  // output: the head's GroupNorm, bonus and gate.
+  acc_t sum = 0, bonus = 0;
+  for (int j = 0; j < N; ++j) {
+    sum += y[j];
+    bonus += r[j] * k[j] * acc_at(o.r_k, c0 + j);
+  }
+  const acc_t mean = sum / static_cast<acc_t>(N);
+  acc_t var = 0;
+  for (int j = 0; j < N; ++j) var += (y[j] - mean) * (y[j] - mean);
+  const acc_t rstd = rsqrt_of(var / static_cast<acc_t>(N) + static_cast<acc_t>(o.eps));
+  auto* out = static_cast<scalar_t*>(o.out);
+  for (int j = 0; j < N; ++j) {
+    const int64_t c = c0 + j;
+    out[base + j] = static_cast<scalar_t>(gated_output<acc_t>(y[j], mean, rstd, acc_at(o.ln_weight, c),
+                                                              acc_at(o.ln_bias, c), bonus, v[j], acc_at(o.g, base + j)));
+  }
 }
 
-void output_cpu(const Rwkv7OutputParams& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "rwkv7_output_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto* y = static_cast<const acc_t*>(p.y);
-    const auto* prepared = static_cast<const acc_t*>(p.prepared);
-    const auto* g = static_cast<const acc_t*>(p.g);
-    const auto* r_k = static_cast<const acc_t*>(p.r_k);
-    const auto* ln_w = static_cast<const acc_t*>(p.ln_weight);
-    const auto* ln_b = static_cast<const acc_t*>(p.ln_bias);
-    auto* out = static_cast<scalar_t*>(p.out);
-    const int64_t N = p.head_size, C = p.heads * N, BC = p.batch * C;
-    const acc_t* r = prepared;
-    const acc_t* k = prepared + 2 * BC;
-    const acc_t* v = prepared + 3 * BC;
-    const acc_t eps = static_cast<acc_t>(p.eps);
-    at::parallel_for(0, p.batch * p.heads, grain(4 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / p.heads, base = b * C + (bh % p.heads) * N, c0 = base - b * C;
-        acc_t sum = 0, bonus = 0;
-        for (int64_t j = 0; j < N; ++j) {
-          sum += y[base + j];
-          bonus += r[base + j] * k[base + j] * r_k[c0 + j];
-        }
-        const acc_t mean = sum / static_cast<acc_t>(N);
-        acc_t var = 0;
-        for (int64_t j = 0; j < N; ++j) var += (y[base + j] - mean) * (y[base + j] - mean);
-        const acc_t rstd = rsqrt_of(var / static_cast<acc_t>(N) + eps);
-        for (int64_t j = 0; j < N; ++j) {
-          const int64_t i = base + j, c = c0 + j;
-          out[i] = static_cast<scalar_t>(gated_output<acc_t>(y[i], mean, rstd, ln_w[c], ln_b[c], bonus, v[i], g[i]));
-        }
-      }
+void step_cpu(const Rwkv7StepParams& sp) {
+  const Rwkv7PrepareParams& p = sp.prepare;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "rwkv7_step_cpu", [&] {
+    wkv7::dispatch_head_size(p.head_size, [&]<int N>() {
+      at::parallel_for(0, p.batch * p.heads, grain(4 * N * N), [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) step_head<scalar_t, N>(sp, bh);
+      });
     });
   });
 }
 
 // Not constexpr: it refers to the wkv7 and lowrank_linear backends, defined in other
 // files (constant-initialised there, so they are ready before this one).
-const Backend kCpu{&mix_cpu, &prepare_cpu, &output_cpu, wkv7::cpu_backend(), lowrank::cpu_backend()};
+const Backend kCpu{&mix_cpu, nullptr, nullptr, wkv7::cpu_backend(), lowrank::cpu_backend(), &step_cpu};
 
 }  // namespace
 

@@ -29,6 +29,7 @@
 
 #include "common/cpu_vec.h"
 #include "common/torch_utils.h"
+#include "wkv7/cpu/wkv7_cpu_ops.h"
 #include "wkv7/wkv7.h"
 #include "wkv7/wkv7_math.h"
 
@@ -40,34 +41,6 @@ namespace {
 // replayed 16 states (256 KiB at N = 64, float32: within L2), while the replay costs
 // one extra forward pass whatever K is.
 constexpr int64_t kSegment = 16;
-
-template <typename T>
-struct VecOps {
-  using V = at::vec::Vectorized<T>;
-  // exp_u20 (2 ulp) is about twice as fast as exp (1 ulp) and as exact as CUDA's expf.
-  static V exp(const V& x) {
-    if constexpr (std::is_same_v<T, float>) return x.exp_u20();
-    else return x.exp();
-  }
-  static V neg(const V& x) { return x.neg(); }
-  static V fma(const V& x, const V& y, const V& z) { return at::vec::fmadd(x, y, z); }
-  static T sum(const V& x) {
-    return at::vec::vec_reduce_all<T>([](V& u, V& v) { return u + v; }, x);
-  }
-  template <int M>
-  static void sum_all(const V* acc, T* out) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, float> && M == 4) {
-      // Three horizontal adds and one lane add reduce four registers at once: a
-      // separate reduction per row cost as much as the row's arithmetic at N = 64.
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-      return;
-    }
-#endif
-    for (int m = 0; m < M; ++m) out[m] = sum(acc[m]);
-  }
-};
 
 // One (sample, head) task with head size N: the step inputs as register groups.
 template <typename scalar_t, int N>
@@ -340,16 +313,6 @@ void for_each_head(const Wkv7Params& p, Fn&& fn) {
 }
 
 // Calls fn.template operator()<N>() for the params' head size (validated before).
-template <typename Fn>
-void dispatch_head_size(int64_t n, Fn&& fn) {
-  switch (n) {
-    case 16: return fn.template operator()<16>();
-    case 32: return fn.template operator()<32>();
-    case 64: return fn.template operator()<64>();
-    case 128: return fn.template operator()<128>();
-    default: TORCH_CHECK(false, "prosg.wkv7: unsupported head size ", n);
-  }
-}
 
 void forward_cpu(const Wkv7Params& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.dtype), "wkv7_forward_cpu", [&] {
