@@ -232,3 +232,16 @@ def test_empty_batch(nan_empty):
     with torch.no_grad():
         out, state, v = prosg.ops.rwkv7_time_mix_step(*args, **kw)
     assert out.shape == (0, C) and state.shape == (0, H, N, N) and v.shape == (0, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_threads_agree(dtype, num_threads):
+    """The CPU step's tasks are whole (sample, head) pairs and nothing is reduced across
+    them: the thread count does not change a bit."""
+    args, kw, deltas = _inputs(dtype, "cpu", True, "all")
+    results = []
+    for n in (1, 2):
+        with num_threads(n), torch.no_grad():
+            results.append(prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=deltas))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
