@@ -2,11 +2,14 @@
 //
 // Kernels register themselves beside their code with TORCH_LIBRARY_IMPL
 // (csrc/<op>/cpu, csrc/<op>/cuda); fake (meta) kernels and autograd formulas
-// are attached from Python in prosg/ops. This file also makes the shared
+// are attached from Python in prosg/ops; the ops without a derivative get their
+// refusing Autograd kernel here. This file also makes the shared
 // library importable as the Python module ``prosg._C``: importing it runs the
 // static registrations below. No kernel is exposed through pybind.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common/not_differentiable.h"
 
 #ifndef PROSG_CUDA_ARCHS
 #define PROSG_CUDA_ARCHS ""
@@ -85,6 +88,55 @@ TORCH_LIBRARY(prosg, m) {
       "Tensor k_k, Tensor k_a, Tensor r_k, Tensor receptance_weight, Tensor key_weight, Tensor value_weight, "
       "Tensor output_weight, Tensor ln_x_weight, Tensor ln_x_bias, float ln_x_eps, Tensor?[] deltas, "
       "float scale) -> (Tensor, Tensor, Tensor)");
+
+  // One RWKV-7 channel-mix step for a batch of single tokens (inference only):
+  // value(relu(key(x + (shift - x) x_k))^2) with optional per-sample deltas =
+  // [U_k, V_k, U_v, V_v]. x, shift [B,C]; key_weight [F,C]; value_weight [C,F]. Returns out [B,C].
+  m.def(
+      "rwkv7_channel_mix_step(Tensor x, Tensor shift, Tensor x_k, Tensor key_weight, Tensor value_weight, "
+      "Tensor?[] deltas, float scale) -> Tensor");
+}
+
+// The ops without a derivative: refused while grad mode is on and an argument requires
+// grad, run below autograd otherwise (csrc/common/not_differentiable.h).
+namespace {
+
+using prosg::NotDifferentiable;
+
+constexpr const char* kInferenceOnly4 =
+    "is inference-only (no backward): call it under torch.no_grad() or torch.inference_mode(), or use the "
+    "sequence path (prosg.ops.wkv4 / lowrank_linear) for training";
+constexpr const char* kInferenceOnly7 =
+    "is inference-only (no backward): call it under torch.no_grad() or torch.inference_mode(), or use the "
+    "sequence path (prosg.ops.wkv7 / lowrank_linear) for training";
+
+const NotDifferentiable kLowrankBackward{
+    "has no derivative: differentiate prosg.ops.lowrank_linear itself with create_graph=True for higher "
+    "derivatives"};
+const NotDifferentiable kWkv4Backward{
+    "has no derivative (double backward through prosg.ops.wkv4 is not supported)"};
+const NotDifferentiable kWkv7Backward{
+    "has no derivative (double backward through prosg.ops.wkv7 is not supported)"};
+const NotDifferentiable kRwkv4TimeMix{kInferenceOnly4, {"key", "value", "receptance", "output"}};
+const NotDifferentiable kRwkv4ChannelMix{kInferenceOnly4, {"key", "receptance", "value"}};
+const NotDifferentiable kRwkv7TimeMix{kInferenceOnly7, {"key", "value", "receptance", "output"}};
+const NotDifferentiable kRwkv7ChannelMix{kInferenceOnly7, {"key", "value"}};
+
+template <const NotDifferentiable& spec>
+torch::CppFunction refusing() {
+  return torch::CppFunction::makeFromBoxedFunction<&prosg::not_differentiable<spec>>();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prosg, Autograd, m) {
+  m.impl("lowrank_linear_backward", refusing<kLowrankBackward>());
+  m.impl("wkv4_backward", refusing<kWkv4Backward>());
+  m.impl("wkv7_backward", refusing<kWkv7Backward>());
+  m.impl("rwkv4_time_mix_step", refusing<kRwkv4TimeMix>());
+  m.impl("rwkv4_channel_mix_step", refusing<kRwkv4ChannelMix>());
+  m.impl("rwkv7_time_mix_step", refusing<kRwkv7TimeMix>());
+  m.impl("rwkv7_channel_mix_step", refusing<kRwkv7ChannelMix>());
 }
 
 // ``import prosg._C`` loads this library (and so runs the registrations above). The

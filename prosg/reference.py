@@ -149,6 +149,42 @@ def channel_mix_step_ref(
         k, value_weight, d[2])
 
 
+def _stored_projection(scale: float, rounded):
+    """_projection as a 16-bit lowrank_linear stores it: the shared product rounded to
+    the storage dtype, then the low-rank term added and the sum rounded again."""
+    def project(inp: Tensor, weight: Tensor, uv: tuple[Tensor, Tensor] | None) -> Tensor:
+        base = lowrank_linear_ref(inp, weight, None, None, None, scale)
+        if uv is None:
+            return rounded(base)
+        return rounded(rounded(base) + (lowrank_linear_ref(inp, weight, None, uv[0], uv[1], scale) - base))
+    return project
+
+
+def rwkv7_channel_mix_step_ref(
+    x: Tensor, shift: Tensor, *, x_k: Tensor, key_weight: Tensor, value_weight: Tensor, deltas=None,
+    scale: float = 1.0, stored: torch.dtype | None = None,
+) -> Tensor:
+    """One decode step of RWKV-7's channel mixing (``rwkv7_channel_mix_step``) in
+    float64: ``value(relu(key(x + (shift - x) x_k))^2)`` with dense per-sample weights.
+
+    x, shift: (B C); x_k: C elements; key_weight: (F C); value_weight: (C F); deltas:
+    None or 2 entries (key, value), each None or (U (B Dout r), V (B Din r)).
+    ``stored``: the dtype of the op's stored intermediates (the mix, the key
+    projection, with a delta its shared part too, the squared ReLU), rounded to it here
+    as in :func:`rwkv7_time_mix_step_ref`. Returns out (B C).
+    """
+    d = [None] * 2 if deltas is None else deltas
+
+    def rounded(t):
+        return t if stored is None else t.to(stored).double()
+
+    project = _stored_projection(scale, rounded)
+    x, shift = x.double(), shift.double()
+    xk = rounded(x + (shift - x) * x_k.double().reshape(-1))
+    k = rounded(torch.relu(project(xk, key_weight, d[0])) ** 2)
+    return project(k, value_weight, d[1])
+
+
 def rwkv7_time_mix_step_ref(
     x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, *, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2,
     a0, a1, a2, g1, g2, v0, v1, v2, k_k, k_a, r_k, receptance_weight, key_weight, value_weight, output_weight,

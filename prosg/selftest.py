@@ -12,6 +12,7 @@ import torch
 from prosg.reference import (
     channel_mix_step_ref,
     lowrank_linear_ref,
+    rwkv7_channel_mix_step_ref,
     rwkv7_time_mix_step_ref,
     time_mix_step_ref,
     wkv4_ref,
@@ -91,6 +92,18 @@ def _checks(device: str):
     with torch.no_grad():
         out, _, _ = prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=deltas, scale=0.7)
     yield "rwkv7_time_mix_step", out, rwkv7_time_mix_step_ref(*args, **kw, deltas=deltas, scale=0.7)[0]
+    # One sample: the CPU's single-row kernel for the low-rank MLPs.
+    one = [None if d is None else (d[0][:1], d[1][:1]) for d in deltas]
+    args = tuple(a[:1] for a in args)
+    with torch.no_grad():
+        out, _, _ = prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=one, scale=0.7)
+    yield "rwkv7_time_mix_step B=1", out, rwkv7_time_mix_step_ref(*args, **kw, deltas=one, scale=0.7)[0]
+    deltas = [(r(B, F, R), r(B, C7, R, scale=C7**-0.5)), (r(B, C7, R), r(B, F, R, scale=F**-0.5))]
+    kw = dict(x_k=vec(), key_weight=r(F, C7, scale=C7**-0.5), value_weight=r(C7, F, scale=F**-0.5))
+    args = (r(B, C7), r(B, C7))
+    with torch.no_grad():
+        out = prosg.ops.rwkv7_channel_mix_step(*args, **kw, deltas=deltas, scale=0.7)
+    yield "rwkv7_channel_mix_step", out, rwkv7_channel_mix_step_ref(*args, **kw, deltas=deltas, scale=0.7)
 
 
 def selftest(print_fn=print) -> dict[str, float]:

@@ -28,8 +28,10 @@ from tolerances import assert_close
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import prosg  # noqa: F401  (loads torch.ops.prosg)
-from prosg.ops import lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, rwkv7_time_mix_step, wkv4, wkv7
+from prosg.ops import (lowrank_linear, rwkv4_channel_mix_step, rwkv4_time_mix_step, rwkv7_channel_mix_step,
+                       rwkv7_time_mix_step, wkv4, wkv7)
 from prosg.ops.rwkv4_step import CHANNEL_MIX_KINDS, TIME_MIX_KINDS
+from prosg.ops.rwkv7_step import CHANNEL_MIX_KINDS as RWKV7_CHANNEL_MIX_KINDS
 from prosg.ops.rwkv7_step import TIME_MIX_KINDS as RWKV7_TIME_MIX_KINDS
 from prosg.reference import lowrank_linear_ref
 
@@ -137,6 +139,12 @@ def _rwkv7_time_mix_args():
                 deltas=_pair(C, C) + _pair(C, C) + _pair(C, C) + _pair(C, C), scale=0.7)
 
 
+# The RWKV-7 channel-mix step: B=2, C=16, F=7, r=2.
+def _rwkv7_channel_mix_args():
+    return dict(x=_randn(2, 16), shift=_randn(2, 16), x_k=torch.rand(16), key_weight=_randn(7, 16, scale=0.25),
+                value_weight=_randn(16, 7, scale=0.38), deltas=_pair(7, 16) + _pair(16, 7), scale=0.7)
+
+
 def _delta_factor(name: str, j: int) -> tuple[str, str]:
     return "prosg.lowrank_linear", "UV"[j % 2]
 
@@ -153,6 +161,8 @@ SPECS = {
                                    _delta_factor),
     "rwkv7_time_mix_step": Spec(OPS.rwkv7_time_mix_step.default, _rwkv7_time_mix_args, "x", "shift",
                                 _delta_factor),
+    "rwkv7_channel_mix_step": Spec(OPS.rwkv7_channel_mix_step.default, _rwkv7_channel_mix_args, "x", "shift",
+                                   _delta_factor),
 }
 
 
@@ -400,6 +410,17 @@ BAD_CALLS = {
     "r7 deltas count": _bad("rwkv7_time_mix_step", deltas=lambda a: a["deltas"][:6]),
     "r7 output delta width": _bad("rwkv7_time_mix_step", deltas=_with_delta(6, _randn(2, 15, 2))),
     "r7 key delta V alone": _bad("rwkv7_time_mix_step", deltas=_with_delta(0, None)),
+    # rwkv7_channel_mix_step (B=2, C=16, F=7, r=2)
+    "c7 x 3-D": _bad("rwkv7_channel_mix_step", x=_randn(2, 1, 16)),
+    "c7 shift dtype": _bad("rwkv7_channel_mix_step", shift=_randn(2, 16, dtype=torch.float64)),
+    "c7 x_k elements": _bad("rwkv7_channel_mix_step", x_k=torch.rand(15)),
+    "c7 key_weight width": _bad("rwkv7_channel_mix_step", key_weight=_randn(7, 15)),
+    "c7 value_weight transposed": _bad("rwkv7_channel_mix_step", value_weight=_randn(7, 16)),
+    "c7 value_weight dtype": _bad("rwkv7_channel_mix_step", value_weight=_randn(16, 7, dtype=torch.float16)),
+    "c7 deltas count": _bad("rwkv7_channel_mix_step", deltas=lambda a: a["deltas"][:2]),
+    "c7 value delta U alone": _bad("rwkv7_channel_mix_step", deltas=_with_delta(3, None)),
+    "c7 key delta width": _bad("rwkv7_channel_mix_step", deltas=_with_delta(0, _randn(2, 6, 2))),
+    "c7 value delta batch": _bad("rwkv7_channel_mix_step", deltas=_with_delta(3, _randn(3, 7, 2))),
 }
 
 
@@ -609,11 +630,11 @@ def test_backward_ops_refuse_inputs_requiring_grad(spec_name):
 # 4. Inference-only ops refuse inputs that require grad
 
 
-STEP_SPECS = ["rwkv4_time_mix_step", "rwkv4_channel_mix_step", "rwkv7_time_mix_step"]
+STEP_SPECS = ["rwkv4_time_mix_step", "rwkv4_channel_mix_step", "rwkv7_time_mix_step", "rwkv7_channel_mix_step"]
 STEP_CASES = [pytest.param(spec_name, slot, id=f"{spec_name}-{slot_id(slot)}")
               for spec_name in STEP_SPECS for slot in tensor_slots(SPECS[spec_name].make())]
 KINDS = {"rwkv4_time_mix_step": TIME_MIX_KINDS, "rwkv4_channel_mix_step": CHANNEL_MIX_KINDS,
-         "rwkv7_time_mix_step": RWKV7_TIME_MIX_KINDS}
+         "rwkv7_time_mix_step": RWKV7_TIME_MIX_KINDS, "rwkv7_channel_mix_step": RWKV7_CHANNEL_MIX_KINDS}
 
 
 def _step_name(spec_name: str, slot) -> str:
@@ -631,6 +652,9 @@ def _python_call(spec_name: str, args: dict):
     if spec_name == "rwkv7_time_mix_step":
         positional = [rest.pop(k) for k in ("x", "shift", "wkv_state", "v_first")]
         return rwkv7_time_mix_step(*positional, **rest, deltas=pairs, scale=args["scale"])
+    if spec_name == "rwkv7_channel_mix_step":
+        positional = [rest.pop(k) for k in ("x", "shift")]
+        return rwkv7_channel_mix_step(*positional, **rest, deltas=pairs, scale=args["scale"])
     fn = rwkv4_time_mix_step if spec_name == "rwkv4_time_mix_step" else rwkv4_channel_mix_step
     return fn(*rest.values(), deltas=pairs, scale=args["scale"])
 

@@ -1,7 +1,7 @@
-"""The fused RWKV-7 decode step (prosg.ops.rwkv7_time_mix_step) against the float64
-definition (prosg.reference.rwkv7_time_mix_step_ref: the x070 time mix written out,
-dense per-sample weights W + scale U_b V_b^T, the reference recurrence), and against
-RWKV7LM's own sequence path."""
+"""The fused RWKV-7 decode steps (prosg.ops.rwkv7_time_mix_step, rwkv7_channel_mix_step)
+against the float64 definitions (prosg.reference.rwkv7_time_mix_step_ref: the x070
+time mix written out, dense per-sample weights W + scale U_b V_b^T, the reference
+recurrence; rwkv7_channel_mix_step_ref), and against RWKV7LM's own sequence path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prosg
-from prosg.reference import rwkv7_time_mix_step_ref, wkv7_ref
+from prosg.reference import rwkv7_channel_mix_step_ref, rwkv7_time_mix_step_ref, wkv7_ref
 from tolerances import assert_close
 
 B, H, N = 3, 3, 16  # C = 48; odd batch, odd low-rank widths below
@@ -18,8 +18,10 @@ DW, DA, DG, DV = 7, 5, 9, 3
 R = 5
 
 
-def _inputs(dtype, device, residual=True, with_deltas="none", w_dtype=None):
-    """(x, shift, wkv_state, v_first), the keyword parameters, the deltas."""
+def _inputs(dtype, device, residual=True, with_deltas="none", w_dtype=None, batch=None):
+    """(x, shift, wkv_state, v_first), the keyword parameters, the deltas; ``batch``
+    samples (default B)."""
+    B = batch or globals()["B"]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
 
     def t(*s, scale=1.0, dt=dtype, shift=0.0):
@@ -57,13 +59,17 @@ def _inputs(dtype, device, residual=True, with_deltas="none", w_dtype=None):
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.mark.parametrize("batch", [B, 1], ids=["batch3", "batch1"])
 @pytest.mark.parametrize("with_deltas", ["none", "some", "all"])
 @pytest.mark.parametrize("residual", [False, True], ids=["layer0", "later_layer"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_time_mix_step_matches_reference(device, dtype, residual, with_deltas):
+def test_time_mix_step_matches_reference(device, dtype, residual, with_deltas, batch):
+    """batch1 in float32 on the CPU takes the single-row kernel of the low-rank MLPs;
+    the other cases ATen's GEMMs."""
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("float64 is CPU-only")
-    args, kw, deltas = _inputs(dtype, device, residual, with_deltas)
+    args, kw, deltas = _inputs(dtype, device, residual, with_deltas, batch=batch)
+    B = batch
     with torch.no_grad():
         out, state, v = prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=deltas, scale=0.7)
     ref_out, ref_state, ref_v = rwkv7_time_mix_step_ref(*args, **kw, deltas=deltas, scale=0.7, stored=dtype)
@@ -75,6 +81,24 @@ def test_time_mix_step_matches_reference(device, dtype, residual, with_deltas):
     assert_close(v, ref_v, dtype, what="value projection")
     assert_close(state, ref_state, dtype, what="wkv state")
     assert_close(out, ref_out, dtype, what="time-mix output")
+
+
+def test_single_row_mlps_with_strided_weights_match_reference():
+    """The single-row MLP kernel reads contiguous weights; transposed (strided) ones take
+    the GEMM path: both give the reference's numbers."""
+    args, kw, deltas = _inputs(torch.float32, "cpu", True, "some", batch=1)
+    strided = {n: kw[n].t().contiguous().t() for n in ("w1", "a2", "g1", "v2")}
+    assert not any(t.is_contiguous() for t in strided.values())
+    ref_out, ref_state, _ = rwkv7_time_mix_step_ref(*args, **kw, deltas=deltas)
+    for weights in (kw, {**kw, **strided}):
+        out, state, _ = _no_grad(prosg.ops.rwkv7_time_mix_step, *args, **weights, deltas=deltas)
+        assert_close(state, ref_state, torch.float32, what="wkv state")
+        assert_close(out, ref_out, torch.float32, what="time-mix output")
+
+
+def _no_grad(fn, *args, **kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
 
 
 def test_float32_decay_mlp_in_a_bfloat16_step():
@@ -105,38 +129,49 @@ def test_head_sizes_and_zero_state():
         H, N, C = saved
 
 
-def test_time_mix_step_equals_sequence_path_of_the_model(monkeypatch):
-    """Decoding through the fused op equals the same tokens through RWKV7LM's sequence
-    path (wkv7 + lowrank_linear), deltas and carried state included, over a few steps."""
-    import prosg.models.rwkv7 as rwkv7
+def _step_calls(fn) -> dict[str, int]:
+    """How often ``fn()`` calls each fused RWKV-7 step op (the model calls them through
+    torch.ops, so the profiler counts them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {op: counts.get(f"prosg::{op}", 0) for op in ("rwkv7_time_mix_step", "rwkv7_channel_mix_step")}
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_decode_steps_equal_sequence_path_of_the_model(batch):
+    """Decoding through the fused ops equals the same tokens through RWKV7LM's sequence
+    path (wkv7 + lowrank_linear), deltas and carried state included, over a few steps;
+    batch 1 takes the single-row MLP kernel."""
     from prosg.models.testing import random_delta, random_rwkv7_model
 
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return prosg.ops.rwkv7_time_mix_step(*args, **kwargs)
-
-    monkeypatch.setattr(rwkv7, "rwkv7_time_mix_step", counted)
     model = random_rwkv7_model(seed=5)
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    delta = random_delta(model, batch=2, rank=3)
+    L = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (batch, 9))
+    delta = random_delta(model, batch=batch, rank=3)
     with torch.no_grad():
         _, state = model(ids[:, :5], delta=delta)
-        fused_state, fused = state, []
-        for t in range(5, 9):
-            logits, fused_state = model(ids[:, t:t + 1], state=fused_state, delta=delta)
-            fused.append(logits)
-    assert len(calls) == 4 * model.config.num_hidden_layers
-    # With grad enabled on the parameters the fused op is bypassed: the sequence path runs.
-    seq_state, seq = state, []
-    for t in range(5, 9):
-        logits, seq_state = model(ids[:, t:t + 1], state=seq_state, delta=delta)
-        seq.append(logits.detach())
-    assert len(calls) == 4 * model.config.num_hidden_layers
+    fused, seq = [], []
+
+    def decode(out, grad):
+        s = state
+        with torch.set_grad_enabled(grad):
+            for t in range(5, 9):
+                logits, s = model(ids[:, t:t + 1], state=s, delta=delta)
+                out.append(logits.detach())
+        return s
+
+    states = {}
+    assert _step_calls(lambda: states.update(fused=decode(fused, False))) == {
+        "rwkv7_time_mix_step": 4 * L, "rwkv7_channel_mix_step": 4 * L}
+    # With grad enabled on the parameters the fused ops are bypassed: the sequence path runs.
+    assert _step_calls(lambda: states.update(seq=decode(seq, True))) == {
+        "rwkv7_time_mix_step": 0, "rwkv7_channel_mix_step": 0}
+    fused_state, seq_state = states["fused"], states["seq"]
     assert_close(torch.cat(fused, 1), torch.cat(seq, 1), torch.float32, what="logits")
     assert_close(fused_state.wkv, seq_state.wkv.detach(), torch.float32, what="wkv state")
     assert_close(fused_state.att_shift, seq_state.att_shift.detach(), torch.float32, what="token shift")
+    assert_close(fused_state.ffn_shift, seq_state.ffn_shift.detach(), torch.float32, what="channel-mix shift")
 
 
 def _flat(deltas):
@@ -245,3 +280,134 @@ def test_cpu_threads_agree(dtype, num_threads):
             results.append(prosg.ops.rwkv7_time_mix_step(*args, **kw, deltas=deltas))
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
+
+
+# ------------------------------------------------------------------------------------
+# The channel-mix step
+
+F_ = 37  # the hidden width of the channel mix: odd, not a multiple of a vector
+
+
+def _channel_inputs(dtype, device, with_deltas="none", batch=B):
+    """(x, shift), the keyword parameters, the deltas."""
+    def t(*s, scale=1.0):
+        return (torch.randn(*s, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    kw = dict(x_k=torch.rand(C, dtype=torch.float64).to(dtype=dtype, device=device),
+              key_weight=t(F_, C, scale=C**-0.5), value_weight=t(C, F_, scale=F_**-0.5))
+
+    def delta(dout, din):
+        return (t(batch, dout, R, scale=R**-0.5), t(batch, din, R, scale=din**-0.5))
+
+    deltas = {"none": None, "key": [delta(F_, C), None], "both": [delta(F_, C), delta(C, F_)]}[with_deltas]
+    return (t(batch, C), t(batch, C)), kw, deltas
+
+
+@pytest.mark.parametrize("batch", [B, 1], ids=["batch3", "batch1"])
+@pytest.mark.parametrize("with_deltas", ["none", "key", "both"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_mix_step_matches_reference(device, dtype, with_deltas, batch):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU-only")
+    args, kw, deltas = _channel_inputs(dtype, device, with_deltas, batch)
+    out = _no_grad(prosg.ops.rwkv7_channel_mix_step, *args, **kw, deltas=deltas, scale=0.7)
+    ref = rwkv7_channel_mix_step_ref(*args, **kw, deltas=deltas, scale=0.7, stored=dtype)
+    assert out.dtype == dtype and out.shape == (batch, C)
+    assert_close(out, ref, dtype, what="channel-mix output")
+
+
+def test_channel_mix_step_equals_the_module():
+    """The op is what RWKV7ChannelMix computes for one token through its sequence path."""
+    from prosg.models.testing import random_delta, random_rwkv7_model
+
+    model = random_rwkv7_model(seed=6)
+    ffn = model.blocks[1].feed_forward
+    x, prev = torch.randn(2, model.config.hidden_size), torch.randn(2, model.config.hidden_size)
+    delta = random_delta(model, batch=2, rank=3)
+    factors = {kind: delta.factors[f"blocks.1.feed_forward.{kind}"] for kind in ("key", "value")}
+    seq, _ = ffn(x, prev, factors, 0.5)  # grad mode on: the sequence path
+    with torch.no_grad():
+        fused, shift = ffn(x, prev, factors, 0.5)
+    assert shift is x
+    assert_close(fused, seq.detach(), torch.float32, what="channel-mix output")
+
+
+def _channel_op_args(args, kw, deltas, scale):
+    return (*args, kw["x_k"], kw["key_weight"], kw["value_weight"], _flat(deltas) if deltas else [], scale)
+
+
+def test_channel_mix_opcheck_and_compile():
+    args, kw, deltas = _channel_inputs(torch.float32, "cpu", "both")
+    op = torch.ops.prosg.rwkv7_channel_mix_step.default
+    torch.library.opcheck(op, _channel_op_args(args, kw, deltas, 0.5))
+    torch.library.opcheck(op, _channel_op_args(args, kw, None, 1.0))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, d):
+        return prosg.ops.rwkv7_channel_mix_step(*a, **kw, deltas=d) * 2
+
+    with torch.no_grad():
+        torch.testing.assert_close(step(args, deltas), prosg.ops.rwkv7_channel_mix_step(*args, **kw, deltas=deltas) * 2)
+
+
+CHANNEL_BAD = [
+    (lambda a, k: ((a[0].unsqueeze(1), a[1]), k), r"x must have shape \[B, C\] \(one token per sample\)"),
+    (lambda a, k: ((a[0].long(), a[1]), k), "x must be float32, float16 or bfloat16"),
+    (lambda a, k: ((a[0], a[1][:, :-1]), k), r"shift must have shape \[3, 48\], got \[3, 47\]"),
+    (lambda a, k: ((a[0], a[1].half()), k), "shift must have dtype Float, got Half"),
+    (lambda a, k: (a, {**k, "x_k": k["x_k"][:-1]}), "x_k must have C=48 elements, got shape"),
+    (lambda a, k: (a, {**k, "key_weight": k["key_weight"][0]}), r"key_weight must have shape \[F, C=48\]"),
+    (lambda a, k: (a, {**k, "key_weight": k["key_weight"][:, :-1]}), r"key_weight must have shape \[37, 48\]"),
+    (lambda a, k: (a, {**k, "value_weight": k["value_weight"][:, :-1]}), r"value_weight must have shape \[48, 37\]"),
+    (lambda a, k: (a, {**k, "value_weight": k["value_weight"].double()}), "value_weight must have dtype Float"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CHANNEL_BAD)))
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_channel_mix_bad_inputs(case, where):
+    """The C++ kernel and the fake kernel reject the same calls with the same words."""
+    change, message = CHANNEL_BAD[case]
+    args, kw, _ = _channel_inputs(torch.float32, "cpu")
+    if where == "meta":
+        args = tuple(a.to("meta") for a in args)
+        kw = {n: t.to("meta") for n, t in kw.items()}
+    bad_args, bad_kw = change(args, kw)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        prosg.ops.rwkv7_channel_mix_step(*bad_args, **bad_kw)
+
+
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_channel_mix_bad_deltas_and_grad(where):
+    args, kw, deltas = _channel_inputs(torch.float32, "cpu", "both")
+    if where == "meta":
+        args = tuple(a.to("meta") for a in args)
+        kw = {n: t.to("meta") for n, t in kw.items()}
+        deltas = [tuple(t.to("meta") for t in uv) for uv in deltas]
+    step, op = prosg.ops.rwkv7_channel_mix_step, torch.ops.prosg.rwkv7_channel_mix_step
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="deltas must list 2 entries"):
+            step(*args, **kw, deltas=deltas[:1])
+        with pytest.raises(ValueError, match="deltas must be empty or hold 4 entries"):
+            op(*_channel_op_args(args, kw, None, 1.0)[:-2], [deltas[0][0], deltas[0][1]], 1.0)
+        with pytest.raises(ValueError, match="the value delta needs both U and V"):
+            op(*_channel_op_args(args, kw, None, 1.0)[:-2], [None, None, None, deltas[1][1]], 1.0)
+        with pytest.raises(ValueError, match="same rank"):
+            step(*args, **kw, deltas=[deltas[0], (deltas[1][0][:, :, :2], deltas[1][1])])
+    if where == "cpu":
+        with pytest.raises(RuntimeError, match=r"^prosg\.rwkv7_channel_mix_step: x requires grad, but .* inference-only"):
+            step(args[0].clone().requires_grad_(), args[1], **kw)
+        with pytest.raises(RuntimeError, match=r"deltas\[3\] \(the value delta's V\) requires grad"):
+            step(*args, **kw, deltas=[None, (deltas[1][0], deltas[1][1].clone().requires_grad_())])
+
+
+def test_channel_mix_empty_batch_and_threads(num_threads):
+    args, kw, deltas = _channel_inputs(torch.float32, "cpu", "both", batch=0)
+    out = _no_grad(prosg.ops.rwkv7_channel_mix_step, *args, **kw, deltas=deltas)
+    assert out.shape == (0, C)
+    args, kw, deltas = _channel_inputs(torch.float32, "cpu", "both")
+    results = []
+    for n in (1, 2):
+        with num_threads(n):
+            results.append(_no_grad(prosg.ops.rwkv7_channel_mix_step, *args, **kw, deltas=deltas))
+    assert torch.equal(*results), "the channel-mix step differs between 1 and 2 threads"

@@ -13,6 +13,7 @@ namespace prosg::rwkv7_step {
 namespace {
 
 constexpr const char* kOp = "prosg.rwkv7_time_mix_step";
+constexpr const char* kChannelMixOp = "prosg.rwkv7_channel_mix_step";
 
 struct Dims {
   int64_t batch, channels, heads, head_size;
@@ -21,18 +22,29 @@ struct Dims {
 
 // A per-channel parameter: C elements in any shape, any floating dtype (read in the
 // accumulation type), on x's device.
-void check_vector(const char* name, const at::Tensor& t, const Dims& d, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.numel() == d.channels, kOp, ": ", name, " must have C=", d.channels,
+void check_vector(const char* name, const at::Tensor& t, const Dims& d, const at::Tensor& x,
+                  const char* op = kOp) {
+  TORCH_CHECK_VALUE(t.numel() == d.channels, op, ": ", name, " must have C=", d.channels,
                     " elements, got shape ", shape_str(t.sizes()));
-  check_same_device(kOp, name, t, x, "x");
-  check_floating(kOp, name, t, /*allow_double=*/t.is_cpu());
+  check_same_device(op, name, t, x, "x");
+  check_floating(op, name, t, /*allow_double=*/t.is_cpu());
 }
 
 void check_matrix(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype,
-                  const at::Tensor& x) {
-  check_shape(kOp, name, t, {rows, cols});
-  check_same_device(kOp, name, t, x, "x");
-  check_dtype(kOp, name, t, dtype);
+                  const at::Tensor& x, const char* op = kOp) {
+  check_shape(op, name, t, {rows, cols});
+  check_same_device(op, name, t, x, "x");
+  check_dtype(op, name, t, dtype);
+}
+
+// x [B, C] (one token per sample) and shift like it; the common start of both steps.
+void check_token_rows(const char* op, const at::Tensor& x, const at::Tensor& shift) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [B, C] (one token per sample), got ",
+                    shape_str(x.sizes()));
+  check_floating(op, "x", x, /*allow_double=*/x.is_cpu());
+  check_shape(op, "shift", shift, {x.size(0), x.size(1)});
+  check_same_device(op, "shift", shift, x, "x");
+  check_dtype(op, "shift", shift, x.scalar_type());
 }
 
 // A low-rank MLP's pair: first [C, D] (D read from it), second [D, C], both `dtype`.
@@ -46,23 +58,18 @@ void check_mlp(const char* first_name, const at::Tensor& first, const char* seco
 }
 
 // The pair (U, V) at deltas[2i], deltas[2i+1], checked: both or neither.
-std::pair<Opt, Opt> delta_pair(const OptList& deltas, size_t i, const char* what) {
+std::pair<Opt, Opt> delta_pair(const OptList& deltas, size_t i, const char* what, const char* op = kOp) {
   if (deltas.size() == 0) return {std::nullopt, std::nullopt};
   Opt U = deltas.get(2 * i), V = deltas.get(2 * i + 1);
-  TORCH_CHECK_VALUE(U.has_value() == V.has_value(), kOp, ": the ", what, " delta needs both U and V (deltas[",
+  TORCH_CHECK_VALUE(U.has_value() == V.has_value(), op, ": the ", what, " delta needs both U and V (deltas[",
                     2 * i, "] and deltas[", 2 * i + 1, "]), got only ", U ? "U" : "V");
   return {U, V};
 }
 
 Dims validate(const TimeMixInputs& in) {
   const at::Tensor& x = in.x;
-  TORCH_CHECK_VALUE(x.dim() == 2, kOp, ": x must have shape [B, C] (one token per sample), got ",
-                    shape_str(x.sizes()));
-  check_floating(kOp, "x", x, /*allow_double=*/x.is_cpu());
+  check_token_rows(kOp, x, in.shift);
   const int64_t B = x.size(0), C = x.size(1);
-  check_shape(kOp, "shift", in.shift, {B, C});
-  check_same_device(kOp, "shift", in.shift, x, "x");
-  check_dtype(kOp, "shift", in.shift, x.scalar_type());
   TORCH_CHECK_VALUE(in.r_k.dim() == 2 && in.r_k.size(0) * in.r_k.size(1) == C, kOp,
                     ": r_k must have shape [H, N] with H * N = C=", C, ", got ", shape_str(in.r_k.sizes()));
   Dims d{B, C, in.r_k.size(0), in.r_k.size(1), x.scalar_type(), acc_type(x.scalar_type())};
@@ -114,6 +121,8 @@ Dims validate(const TimeMixInputs& in) {
 // A contiguous [C] copy of a per-channel parameter in the accumulation type (a view
 // when it already is one).
 at::Tensor channel_vector(const at::Tensor& t, const Dims& d) {
+  // The usual case (a contiguous float32 parameter) without the three no-op dispatches.
+  if (t.scalar_type() == d.acc && t.is_contiguous()) return t;
   return t.reshape({d.channels}).to(d.acc).contiguous();
 }
 
@@ -157,13 +166,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs
   const at::Tensor r = project(xr, in.receptance_weight, dr, scale, backend).contiguous();
   const at::Tensor k = project(xk, in.key_weight, dk, scale, backend).contiguous();
   const at::Tensor v = project(xv, in.value_weight, dv, scale, backend).contiguous();
-  // The low-rank MLPs, each in its weights' dtype, their outputs in the accumulation type.
-  const at::Tensor w_lin = at::mm(at::mm(xw.to(in.w1.scalar_type()), in.w1).tanh_(), in.w2).to(d.acc).contiguous();
-  const at::Tensor a_lin = at::mm(at::mm(xa, in.a1), in.a2).to(d.acc).contiguous();
-  const at::Tensor g = at::mm(at::mm(xg, in.g1).sigmoid_(), in.g2).to(d.acc).contiguous();
-  at::Tensor v_lin, v_first, v0;
+  // The low-rank MLPs, their outputs in the accumulation type: w_lin = tanh(xw w1) w2,
+  // a_lin = xa a1 a2, g = sigmoid(xg g1) g2, v_lin = xv v1 v2.
+  at::Tensor w_lin, a_lin, g, v_lin, v_first, v0;
+  const bool one_row = backend.row_mlps != nullptr && B == 1 && d.dtype == at::kFloat &&
+                       in.w1.scalar_type() == at::kFloat && in.w1.is_contiguous() && in.w2.is_contiguous() &&
+                       in.a1.is_contiguous() && in.a2.is_contiguous() && in.g1.is_contiguous() &&
+                       in.g2.is_contiguous() && (!residual || (in.v1->is_contiguous() && in.v2->is_contiguous()));
+  if (one_row) {
+    // One kernel call for the MLPs of a single row (Backend::row_mlps): for one token
+    // ATen's GEMV of x @ W with W [C, D] reads the weights at about half the speed.
+    const at::Tensor lin = at::empty({residual ? 4 : 3, C}, x.options());
+    Rwkv7MlpParams mp;
+    mp.channels = C;
+    mp.count = 0;
+    const auto add = [&](const at::Tensor& input, const at::Tensor& first, const at::Tensor& second,
+                         MlpActivation activation) {
+      auto& m = mp.mlps[mp.count];
+      m.dim = first.size(1);
+      m.activation = activation;
+      m.x = input.const_data_ptr<float>();
+      m.first = first.const_data_ptr<float>();
+      m.second = second.const_data_ptr<float>();
+      m.out = lin.mutable_data_ptr<float>() + mp.count * C;
+      ++mp.count;
+    };
+    add(xw, in.w1, in.w2, MlpActivation::kTanh);
+    add(xa, in.a1, in.a2, MlpActivation::kNone);
+    add(xg, in.g1, in.g2, MlpActivation::kSigmoid);
+    if (residual) add(xv, *in.v1, *in.v2, MlpActivation::kNone);
+    backend.row_mlps(mp);
+    w_lin = lin[0];
+    a_lin = lin[1];
+    g = lin[2];
+    if (residual) v_lin = lin[3];
+  } else {
+    // Each in its weights' dtype (the decay's may be float32 in a 16-bit model).
+    w_lin = at::mm(at::mm(xw.to(in.w1.scalar_type()), in.w1).tanh_(), in.w2).to(d.acc).contiguous();
+    a_lin = at::mm(at::mm(xa, in.a1), in.a2).to(d.acc).contiguous();
+    g = at::mm(at::mm(xg, in.g1).sigmoid_(), in.g2).to(d.acc).contiguous();
+    if (residual) v_lin = at::mm(at::mm(xv, *in.v1), *in.v2).to(d.acc).contiguous();
+  }
   if (residual) {
-    v_lin = at::mm(at::mm(xv, *in.v1), *in.v2).to(d.acc).contiguous();
     v_first = in.v_first->contiguous();
     v0 = channel_vector(*in.v0, d);
   }
@@ -234,6 +278,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs
     }
   }
   return {project(gated, in.output_weight, dout, scale, backend), state_out, v};
+}
+
+at::Tensor channel_mix_step(const ChannelMixInputs& in, double scale, const Backend& backend) {
+  const char* op = kChannelMixOp;
+  const at::Tensor& x = in.x;
+  check_token_rows(op, x, in.shift);
+  const int64_t B = x.size(0), C = x.size(1);
+  const Dims d{B, C, 0, 0, x.scalar_type(), acc_type(x.scalar_type())};
+  check_vector("x_k", in.x_k, d, x, op);
+  TORCH_CHECK_VALUE(in.key_weight.dim() == 2, op, ": key_weight must have shape [F, C=", C, "], got ",
+                    shape_str(in.key_weight.sizes()));
+  const int64_t F = in.key_weight.size(0);
+  check_matrix("key_weight", in.key_weight, F, C, x.scalar_type(), x, op);
+  check_matrix("value_weight", in.value_weight, C, F, x.scalar_type(), x, op);
+  TORCH_CHECK_VALUE(in.deltas.size() == 0 || in.deltas.size() == 4, op,
+                    ": deltas must be empty or hold 4 entries (U, V per projection, None for none), got ",
+                    in.deltas.size());
+  const auto dk = delta_pair(in.deltas, 0, "key", op), dv = delta_pair(in.deltas, 1, "value", op);
+
+  at::Tensor xk = at::empty({B, C}, x.options());
+  if (xk.numel() > 0) {
+    const at::Tensor mix = channel_vector(in.x_k, d), xc = x.contiguous(), sc = in.shift.contiguous();
+    Rwkv7MixParams p;
+    p.batch = B;
+    p.channels = C;
+    p.n_mix = 1;
+    p.dtype = to_dtype(d.dtype);
+    p.x = xc.data_ptr();
+    p.shift = sc.data_ptr();
+    p.mix = mix.data_ptr();
+    p.out = xk.data_ptr();
+    backend.mix(p);
+  }
+  at::Tensor k = project(xk, in.key_weight, dk, scale, backend);
+  k.relu_();
+  k.mul_(k);  // squared ReLU
+  return project(k, in.value_weight, dv, scale, backend);
 }
 
 }  // namespace prosg::rwkv7_step

@@ -1,6 +1,8 @@
-// Host side of the fused RWKV-7 decode step, shared by the CPU and CUDA registrations:
-// validation, the mix kernel, the projections (lowrank_linear for per-sample deltas),
-// the low-rank MLPs (ATen GEMMs), then the backend's rest of the step (see Backend).
+// Host side of the fused RWKV-7 decode steps, shared by the CPU and CUDA registrations.
+// Time mix: validation, the mix kernel, the projections (lowrank_linear for per-sample
+// deltas), the low-rank MLPs (the backend's single-row kernel or ATen GEMMs), then the
+// backend's rest of the step (see Backend). Channel mix: the mix kernel and two
+// projections around the squared ReLU.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,8 @@ struct Backend {
   const wkv7::Backend& wkv7;
   const lowrank::Backend& lowrank;
   void (*step)(const Rwkv7StepParams&) = nullptr;
+  // The low-rank MLPs of a single float32 row in one call (null: ATen GEMMs always).
+  void (*row_mlps)(const Rwkv7MlpParams&) = nullptr;
 };
 
 // The arguments of rwkv7_time_mix_step, as the schema orders them, built once per call.
@@ -56,7 +60,28 @@ struct TimeMixInputs {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs& in, double scale,
                                                              const Backend& backend);
 
-// The registered function, with the schema's argument list (bindings/torch_bindings.cpp).
+// The arguments of rwkv7_channel_mix_step.
+struct ChannelMixInputs {
+  const at::Tensor& x;             // [B, C] the ln2 output, one token per sample
+  const at::Tensor& shift;         // [B, C] the previous token's
+  const at::Tensor& x_k;           // C elements
+  const at::Tensor& key_weight;    // [F, C]
+  const at::Tensor& value_weight;  // [C, F]
+  const OptList& deltas;           // (U, V) for key, value; or empty
+};
+
+// value(relu(key(x + (shift - x) x_k))^2): [B, C].
+at::Tensor channel_mix_step(const ChannelMixInputs& in, double scale, const Backend& backend);
+
+// The registered functions, with the schemas' argument lists (bindings/torch_bindings.cpp).
+template <const Backend& kBackend>
+at::Tensor channel_mix_step_op(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& x_k,
+                               const at::Tensor& key_weight, const at::Tensor& value_weight, const OptList& deltas,
+                               double scale) {
+  const auto guard = device_guard_for(x);
+  return channel_mix_step({x, shift, x_k, key_weight, value_weight, deltas}, scale, kBackend);
+}
+
 template <const Backend& kBackend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step_op(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& wkv_state, const Opt& v_first,

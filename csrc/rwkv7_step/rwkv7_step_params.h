@@ -18,6 +18,24 @@ struct Rwkv7MixParams {
   void* out = nullptr;            // [n_mix, B, C]
 };
 
+// The low-rank MLPs of one float32 token row (the CPU's path for a single sample;
+// several rows take ATen's GEMMs): out[m] = act_m(x[m] first_m) second_m for m < count,
+// with first_m [C, D_m] and second_m [D_m, C] row-major (BlinkDL's orientation).
+enum class MlpActivation : int { kNone = 0, kTanh = 1, kSigmoid = 2 };
+
+struct Rwkv7MlpParams {
+  static constexpr int kMaxMlps = 4;  // decay, in-context rate, gate, value residual
+  int64_t channels = 0, count = 0;
+  struct Mlp {
+    int64_t dim = 0;
+    MlpActivation activation = MlpActivation::kNone;
+    const float* x = nullptr;       // [C]
+    const float* first = nullptr;   // [C, D]
+    const float* second = nullptr;  // [D, C]
+    float* out = nullptr;           // [C]
+  } mlps[kMaxMlps];
+};
+
 // The wkv7 inputs of one step from the projections and the low-rank MLPs
 // (rwkv7_step_math.h's prepare), per (sample, head).
 struct Rwkv7PrepareParams {

@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.checks import check_count
-from prosg.models.common import RWKVLanguageModel, project, takes_fused_step, token_shift
+from prosg.models.common import RWKVLanguageModel, flat_deltas, project, takes_fused_step, token_shift
 from prosg.models.config import RWKV7Config
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import RWKV7State, parse_delta_name
 from prosg.numerics import accumulation_dtype
-from prosg.ops import rwkv7_time_mix_step, wkv7
+from prosg.ops import wkv7
 
 LowRank = tuple[Tensor, Tensor]
 
@@ -145,20 +145,24 @@ class RWKV7TimeMix(nn.Module):
     def _fused_step(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, v_first: Tensor | None,
                     delta: dict[str, LowRank], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One token through the fused decode-step op (prosg.ops.rwkv7_time_mix_step):
-        the same arithmetic as :meth:`forward` in one call, without its ~45 small ops."""
+        the same arithmetic as :meth:`forward` in one call, without its ~45 small ops.
+        It runs once per layer and token, so it reads the parameters from the module
+        dicts and calls the op positionally: attribute lookups through nn.Module and
+        the keyword wrapper cost about as much as the op's own host code at B=1."""
         if wkv_state is None:
             wkv_state = torch.zeros(x.shape[0], self.num_heads, self.head_size, self.head_size,
                                     dtype=accumulation_dtype(x.dtype), device=x.device)
+        p, m = self._parameters, self._modules
         later = self.layer_id > 0
-        out, wkv_state, v = rwkv7_time_mix_step(
+        ln_x = m["ln_x"]
+        out, wkv_state, v = torch.ops.prosg.rwkv7_time_mix_step.default(
             x, prev if prev is not None else torch.zeros_like(x), wkv_state, v_first if later else None,
-            x_r=self.x_r, x_w=self.x_w, x_k=self.x_k, x_v=self.x_v, x_a=self.x_a, x_g=self.x_g,
-            w0=self.w0, w1=self.w1, w2=self.w2, a0=self.a0, a1=self.a1, a2=self.a2, g1=self.g1, g2=self.g2,
-            v0=self.v0 if later else None, v1=self.v1 if later else None, v2=self.v2 if later else None,
-            k_k=self.k_k, k_a=self.k_a, r_k=self.r_k, receptance_weight=self.receptance.weight,
-            key_weight=self.key.weight, value_weight=self.value.weight, output_weight=self.output.weight,
-            ln_x_weight=self.ln_x.weight, ln_x_bias=self.ln_x.bias, ln_x_eps=self.ln_x.eps,
-            deltas=[delta.get(kind) for kind in ATTENTION_KINDS], scale=scale)
+            p["x_r"], p["x_w"], p["x_k"], p["x_v"], p["x_a"], p["x_g"], p["w0"], p["w1"], p["w2"], p["a0"], p["a1"],
+            p["a2"], p["g1"], p["g2"], p["v0"] if later else None, p["v1"] if later else None,
+            p["v2"] if later else None, p["k_k"], p["k_a"], p["r_k"], m["receptance"]._parameters["weight"],
+            m["key"]._parameters["weight"], m["value"]._parameters["weight"], m["output"]._parameters["weight"],
+            ln_x._parameters["weight"], ln_x._parameters["bias"], float(ln_x.eps), flat_deltas(delta, ATTENTION_KINDS),
+            float(scale))
         return out, x, wkv_state, (v_first if later else v)
 
 
@@ -179,6 +183,15 @@ class RWKV7ChannelMix(nn.Module):
     def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
                 scale: float) -> tuple[Tensor, Tensor]:
         """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
+        if takes_fused_step(self, x, delta, prev):
+            # One token without gradients: the fused decode step
+            # (prosg.ops.rwkv7_channel_mix_step), called as _fused_step above is.
+            m = self._modules
+            out = torch.ops.prosg.rwkv7_channel_mix_step.default(
+                x, prev if prev is not None else torch.zeros_like(x), self._parameters["x_k"],
+                m["key"]._parameters["weight"], m["value"]._parameters["weight"],
+                flat_deltas(delta, FEED_FORWARD_KINDS), float(scale))
+            return out, x
         xk = self.mix(x, token_shift(x, prev))
         key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))
         return project(key, self.value.weight, delta.get("value"), scale), (x if x.dim() == 2 else x[:, -1])

@@ -16,7 +16,6 @@ from prosg.ops._checks import (
     check_floating,
     check_same_device,
     check_shape,
-    register_not_differentiable,
     shape_str,
 )
 
@@ -177,6 +176,5 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-register_not_differentiable(
-    _BWD, "has no derivative: differentiate prosg.ops.lowrank_linear itself with create_graph=True "
-          "for higher derivatives")
+# lowrank_linear_backward refuses inputs that require grad: an Autograd kernel in C++
+# (bindings/torch_bindings.cpp).

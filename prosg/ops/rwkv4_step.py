@@ -20,7 +20,6 @@ from prosg.ops._checks import (
     check_floating,
     check_same_device,
     check_shape,
-    register_not_differentiable,
     shape_str,
 )
 from prosg.ops.lowrank_linear import validate as validate_lowrank_linear
@@ -183,17 +182,6 @@ def _channel_mix_step_fake(x, shift, mk, mr, wk, wr, wv, deltas, scale):
 
 
 # ------------------------------------------------------------------------------------
-# Inference only: refuse inputs that require grad (the op has no backward)
-
-
-def _delta_name(kinds: tuple[str, ...]):
-    def name(arg: str, j: int) -> str:
-        return f"{arg}[{j}] (the {kinds[j // 2]} delta's {'UV'[j % 2]})"
-
-    return name
-
-
-_INFERENCE_ONLY = ("is inference-only (no backward): call it under torch.no_grad() or torch.inference_mode(), "
-                   "or use the sequence path (prosg.ops.wkv4 / lowrank_linear) for training")
-register_not_differentiable("prosg::rwkv4_time_mix_step", _INFERENCE_ONLY, _delta_name(TIME_MIX_KINDS))
-register_not_differentiable("prosg::rwkv4_channel_mix_step", _INFERENCE_ONLY, _delta_name(CHANNEL_MIX_KINDS))
+# Inference only: both ops refuse inputs that require grad while grad mode is on, an
+# Autograd kernel in C++ (bindings/torch_bindings.cpp), cheaper per call than one
+# registered from Python.

@@ -1,9 +1,10 @@
-"""Fused RWKV-7 decode step: one x070 time-mix step for a batch of single tokens in one
-call from Python: a mix kernel, the (per-sample perturbed) projections, the low-rank
-MLPs, then on the CPU one pass per (sample, head) for the rest (the state update row by
-row, no transposes), on CUDA a prepare kernel, wkv7's own kernel and an output kernel.
+"""Fused RWKV-7 decode steps, each for a batch of single tokens in one call from Python.
+The time mix: a mix kernel, the (per-sample perturbed) projections, the low-rank MLPs,
+then on the CPU one pass per (sample, head) for the rest (the state update row by row,
+no transposes), on CUDA a prepare kernel, wkv7's own kernel and an output kernel. The
+channel mix: the token-shift mix and the two projections around the squared ReLU.
 
-Inference only: it carries no autograd formula (training runs the sequence path,
+Inference only: they carry no autograd formula (training runs the sequence path,
 ``prosg.ops.wkv7`` and ``prosg.ops.lowrank_linear``, which do). Calling it with any
 input that requires grad while grad mode is on is an error; under torch.no_grad() and
 torch.inference_mode() it runs.
@@ -22,18 +23,19 @@ from prosg.ops._checks import (
     check_floating,
     check_same_device,
     check_shape,
-    register_not_differentiable,
     scalar_type_name,
     shape_str,
 )
 from prosg.ops.lowrank_linear import validate as validate_lowrank_linear
-from prosg.ops.rwkv4_step import _delta_name, _delta_pairs, _flatten
+from prosg.ops.rwkv4_step import _delta_pairs, _flatten
 
 LowRank = tuple[Tensor, Tensor]
 
 _OP = "prosg.rwkv7_time_mix_step"
+_CHANNEL_MIX_OP = "prosg.rwkv7_channel_mix_step"
 #: The projections a delta may perturb, in the order of ``deltas``.
 TIME_MIX_KINDS = ("key", "value", "receptance", "output")
+CHANNEL_MIX_KINDS = ("key", "value")
 
 
 def rwkv7_time_mix_step(
@@ -69,20 +71,46 @@ def rwkv7_time_mix_step(
         float(ln_x_eps), flat, float(scale))
 
 
+def rwkv7_channel_mix_step(
+    x: Tensor, shift: Tensor, *, x_k: Tensor, key_weight: Tensor, value_weight: Tensor,
+    deltas: list[LowRank | None] | None = None, scale: float = 1.0,
+) -> Tensor:
+    """One RWKV-7 channel-mix step (what ``RWKV7ChannelMix`` computes for one token):
+    ``value(relu(key(x + (shift - x) * x_k))^2)``.
+
+    Shapes: ``x, shift [B, C]`` (this and the previous token's ``ln2`` outputs),
+    ``x_k``: C elements, ``key_weight [F, C]``, ``value_weight [C, F]``; ``deltas``:
+    ``(U, V)`` or None for the key and value projections (``U [B, out, r]``,
+    ``V [B, in, r]``). Returns ``out [B, C]``. Inference only, like
+    :func:`rwkv7_time_mix_step`.
+    """
+    flat = _flatten("rwkv7_channel_mix_step", deltas, CHANNEL_MIX_KINDS)
+    return torch.ops.prosg.rwkv7_channel_mix_step.default(x, shift, x_k, key_weight, value_weight, flat,
+                                                          float(scale))
+
+
 # ------------------------------------------------------------------------------------
-# Validation (csrc/rwkv7_step/rwkv7_step.cpp, same order and words) and the fake kernel
+# Validation (csrc/rwkv7_step/rwkv7_step.cpp, same order and words) and the fake kernels
 
 
-def _check_vector(name: str, t: Tensor, C, x: Tensor) -> None:
-    check(t.numel() == C, lambda: f"{_OP}: {name} must have C={C} elements, got shape {shape_str(t.shape)}")
-    check_same_device(_OP, name, t, x, "x")
-    check_floating(_OP, name, t, allow_double=allows_double(t))
+def _check_vector(name: str, t: Tensor, C, x: Tensor, op: str = _OP) -> None:
+    check(t.numel() == C, lambda: f"{op}: {name} must have C={C} elements, got shape {shape_str(t.shape)}")
+    check_same_device(op, name, t, x, "x")
+    check_floating(op, name, t, allow_double=allows_double(t))
 
 
-def _check_matrix(name: str, t: Tensor, rows, cols, dtype: torch.dtype, x: Tensor) -> None:
-    check_shape(_OP, name, t, (rows, cols))
-    check_same_device(_OP, name, t, x, "x")
-    check_dtype(_OP, name, t, dtype)
+def _check_matrix(name: str, t: Tensor, rows, cols, dtype: torch.dtype, x: Tensor, op: str = _OP) -> None:
+    check_shape(op, name, t, (rows, cols))
+    check_same_device(op, name, t, x, "x")
+    check_dtype(op, name, t, dtype)
+
+
+def _check_token_rows(op: str, x: Tensor, shift: Tensor) -> None:
+    check(x.dim() == 2, lambda: f"{op}: x must have shape [B, C] (one token per sample), got {shape_str(x.shape)}")
+    check_floating(op, "x", x, allow_double=allows_double(x))
+    check_shape(op, "shift", shift, tuple(x.shape))
+    check_same_device(op, "shift", shift, x, "x")
+    check_dtype(op, "shift", shift, x.dtype)
 
 
 def _check_mlp(first_name: str, first: Tensor, second_name: str, second: Tensor, dtype: torch.dtype, C,
@@ -97,12 +125,8 @@ def _check_mlp(first_name: str, first: Tensor, second_name: str, second: Tensor,
 def validate_time_mix_step(x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1,
                            g2, v0, v1, v2, k_k, k_a, r_k, receptance_weight, key_weight, value_weight,
                            output_weight, ln_x_weight, ln_x_bias, ln_x_eps, deltas) -> None:
-    check(x.dim() == 2, lambda: f"{_OP}: x must have shape [B, C] (one token per sample), got {shape_str(x.shape)}")
-    check_floating(_OP, "x", x, allow_double=allows_double(x))
+    _check_token_rows(_OP, x, shift)
     B, C = x.shape
-    check_shape(_OP, "shift", shift, (B, C))
-    check_same_device(_OP, "shift", shift, x, "x")
-    check_dtype(_OP, "shift", shift, x.dtype)
     check(r_k.dim() == 2 and r_k.shape[0] * r_k.shape[1] == C,
           lambda: f"{_OP}: r_k must have shape [H, N] with H * N = C={C}, got {shape_str(r_k.shape)}")
     H, N = r_k.shape
@@ -156,6 +180,27 @@ def _time_mix_step_fake(x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x
     return x.new_empty(x.shape), wkv_state.new_empty(wkv_state.shape), x.new_empty(x.shape)
 
 
-_INFERENCE_ONLY = ("is inference-only (no backward): call it under torch.no_grad() or torch.inference_mode(), "
-                   "or use the sequence path (prosg.ops.wkv7 / lowrank_linear) for training")
-register_not_differentiable("prosg::rwkv7_time_mix_step", _INFERENCE_ONLY, _delta_name(TIME_MIX_KINDS))
+def validate_channel_mix_step(x, shift, x_k, key_weight, value_weight, deltas) -> None:
+    op = _CHANNEL_MIX_OP
+    _check_token_rows(op, x, shift)
+    B, C = x.shape
+    _check_vector("x_k", x_k, C, x, op)
+    check(key_weight.dim() == 2,
+          lambda: f"{op}: key_weight must have shape [F, C={C}], got {shape_str(key_weight.shape)}")
+    F = key_weight.shape[0]
+    _check_matrix("key_weight", key_weight, F, C, x.dtype, x, op)
+    _check_matrix("value_weight", value_weight, C, F, x.dtype, x, op)
+    dk, dv = _delta_pairs(op, deltas, CHANNEL_MIX_KINDS)
+    # The projections' own checks: the key on the [B, C] mix, the value on [B, F].
+    validate_lowrank_linear("prosg.lowrank_linear", x, key_weight, None, *dk)
+    validate_lowrank_linear("prosg.lowrank_linear", x.new_empty((B, F)), value_weight, None, *dv)
+
+
+@torch.library.register_fake("prosg::rwkv7_channel_mix_step")
+def _channel_mix_step_fake(x, shift, x_k, key_weight, value_weight, deltas, scale):
+    validate_channel_mix_step(x, shift, x_k, key_weight, value_weight, deltas)
+    return x.new_empty(x.shape)
+
+
+# Both ops refuse inputs that require grad while grad mode is on: an Autograd kernel in
+# C++ (bindings/torch_bindings.cpp), cheaper per call than one registered from Python.

@@ -15,7 +15,6 @@ from prosg.ops._checks import (
     check_floating,
     check_same_device,
     check_shape,
-    register_not_differentiable,
     shape_str,
 )
 
@@ -196,4 +195,5 @@ def _backward(ctx, grad_out, grad_state):
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-register_not_differentiable(_BWD, "has no derivative (double backward through prosg.ops.wkv4 is not supported)")
+# The backward op refuses inputs that require grad: an Autograd kernel in C++
+# (bindings/torch_bindings.cpp).

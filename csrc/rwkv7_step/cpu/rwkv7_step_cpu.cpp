@@ -1,5 +1,6 @@
-// CPU kernels of the fused RWKV-7 decode step and its registration. After the mix
-// (a plain loop) and the projections, one pass per (sample, head) does the rest
+// CPU kernels of the fused RWKV-7 decode steps and their registration. The low-rank
+// MLPs of a single row run in one call (row_mlps_cpu); after the mix (a plain loop),
+// the projections and the MLPs, one pass per (sample, head) does the rest
 // (step_cpu): prepare (rwkv7_step_math.h), the state update of wkv7_math.h row by row
 // (S is stored [value i, key j], so a row is contiguous: at::vec lanes over j, four rows
 // at a time, no transposes: for one token the key-major form of wkv7's own kernel pays
@@ -10,6 +11,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "common/torch_utils.h"
 #include "rwkv7_step/rwkv7_step.h"
@@ -121,12 +126,49 @@ void step_cpu(const Rwkv7StepParams& sp) {
   });
 }
 
+// y[0:O] = sum_i x[i] W[i, 0:O] for W [I, O] row-major: the rows of W in order, one
+// pass that the hardware prefetcher follows, y (O floats) staying in L1.
+void row_times_matrix(const float* x, int64_t I, const float* W, int64_t O, float* y) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t L = Vec::size();
+  std::fill(y, y + O, 0.f);
+  for (int64_t i = 0; i < I; ++i) {
+    const Vec xi(x[i]);
+    const float* w = W + i * O;
+    int64_t o = 0;
+    for (; o + L <= O; o += L) at::vec::fmadd(xi, Vec::loadu(w + o), Vec::loadu(y + o)).store(y + o);
+    for (; o < O; ++o) y[o] = std::fma(x[i], w[o], y[o]);
+  }
+}
+
+// The low-rank MLPs of one row, a task each.
+void row_mlps_cpu(const Rwkv7MlpParams& p) {
+  at::parallel_for(0, p.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> hidden;
+    for (int64_t m = begin; m < end; ++m) {
+      const auto& mlp = p.mlps[m];
+      hidden.resize(mlp.dim);
+      row_times_matrix(mlp.x, p.channels, mlp.first, mlp.dim, hidden.data());
+      if (mlp.activation == MlpActivation::kTanh) {
+        for (float& h : hidden) h = std::tanh(h);
+      } else if (mlp.activation == MlpActivation::kSigmoid) {
+        for (float& h : hidden) h = sigmoid(h);
+      }
+      row_times_matrix(hidden.data(), mlp.dim, mlp.second, p.channels, mlp.out);
+    }
+  });
+}
+
 // Not constexpr: it refers to the wkv7 and lowrank_linear backends, defined in other
 // files (constant-initialised there, so they are ready before this one).
-const Backend kCpu{&mix_cpu, nullptr, nullptr, wkv7::cpu_backend(), lowrank::cpu_backend(), &step_cpu};
+const Backend kCpu{&mix_cpu, nullptr, nullptr, wkv7::cpu_backend(), lowrank::cpu_backend(), &step_cpu,
+                   &row_mlps_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prosg, CPU, m) { m.impl("rwkv7_time_mix_step", &time_mix_step_op<kCpu>); }
+TORCH_LIBRARY_IMPL(prosg, CPU, m) {
+  m.impl("rwkv7_time_mix_step", &time_mix_step_op<kCpu>);
+  m.impl("rwkv7_channel_mix_step", &channel_mix_step_op<kCpu>);
+}
 
 }  // namespace prosg::rwkv7_step

@@ -1,4 +1,4 @@
-// CUDA registration of the fused RWKV-7 decode step: the shared host code with the
+// CUDA registration of the fused RWKV-7 decode steps: the shared host code with the
 // CUDA element kernels and the wkv7 and lowrank_linear CUDA backends, on the current
 // stream.
 #include <c10/cuda/CUDAStream.h>
@@ -27,6 +27,9 @@ const Backend kCuda{&mix_cuda, &prepare_cuda, &output_cuda, wkv7::cuda_backend()
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prosg, CUDA, m) { m.impl("rwkv7_time_mix_step", &time_mix_step_op<kCuda>); }
+TORCH_LIBRARY_IMPL(prosg, CUDA, m) {
+  m.impl("rwkv7_time_mix_step", &time_mix_step_op<kCuda>);
+  m.impl("rwkv7_channel_mix_step", &channel_mix_step_op<kCuda>);
+}
 
 }  // namespace prosg::rwkv7_step
