@@ -82,6 +82,11 @@ CASES = {
     "B16T1-35to29-r2": (16, 1, 35, 29, 2),
     "B2T8-64to13-r3": (2, 8, 64, 13, 3),
     "B17-2d-35to29-r2": (17, None, 35, 29, 2),
+    # Under 4 rows per sample the CPU's shrink reads V unpacked, lanes over the rank in
+    # passes of up to 32 (r=40: a full pass and a partial one); a rank that is a
+    # multiple of 8 packs the factors by 8 x 8 transposes (tails of Din and Dout).
+    "B2T3-37to70-r40": (2, 3, 37, 70, 40),
+    "B3T5-37to70-r8": (3, 5, 37, 70, 8),
 }
 
 

@@ -3,13 +3,16 @@
 // product's two loops are parallel over rows (b, t) with at::parallel_for and
 // vectorised over the long dimension: each chunk packs the current sample's factor
 // transposed, [rank, dim] in float32 (float64 for float64), so the inner loops are
-// contiguous dot products (shrink) and axpys (expand) whatever the input strides.
+// contiguous dot products (shrink) and axpys (expand) whatever the input strides; a
+// sample with fewer than kUnpackedRows rows (a decode step) shrinks without packing.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/torch_utils.h"
@@ -31,8 +34,52 @@ template <typename scalar_t, typename acc_t>
 void pack_transposed(std::vector<acc_t>& Ft, const scalar_t* F, int64_t dim_stride, int64_t rank_stride, int64_t dim,
                      int64_t rank) {
   Ft.resize(rank * dim);
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // The usual layout (contiguous [dim, rank] rows, rank a multiple of 8) in 8 x 8
+    // register transposes: the strided gathers below cost a decode step's expand as
+    // much as its products. Same values, so the same results.
+    if (rank_stride == 1 && rank % 8 == 0) {
+      int64_t d0 = 0;
+      for (; d0 + 8 <= dim; d0 += 8) {
+        for (int64_t j0 = 0; j0 < rank; j0 += 8) {
+          at::vec::transpose_mxn<float, 8, 8>(F + d0 * dim_stride + j0, dim_stride, Ft.data() + j0 * dim + d0, dim);
+        }
+      }
+      for (; d0 < dim; ++d0) {
+        for (int64_t j = 0; j < rank; ++j) Ft[j * dim + d0] = F[d0 * dim_stride + j];
+      }
+      return;
+    }
+  }
   for (int64_t j = 0; j < rank; ++j) cpu::gather(Ft.data() + j * dim, F + j * rank_stride, dim_stride, dim);
 }
+
+// z[0:R] = sum_i x[i] V[i, 0:R] for one row, V's rows (R contiguous values) read in
+// order, lanes over the rank, the sum over i sequential: without the packing, which
+// for a sample with one row (a decode step) costs as much as the products.
+template <typename T>
+void shrink_row_unpacked(const T* x, int64_t x_stride, const T* V, int64_t v_dim_stride, int64_t D, int64_t R,
+                         T* z) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t L = Vec::size(), kBlock = 4;  // 4 accumulators: ranks up to 4 L per pass
+  for (int64_t j0 = 0; j0 < R; j0 += kBlock * L) {
+    const int64_t width = std::min(R - j0, kBlock * L);
+    Vec acc[kBlock];
+    for (auto& a : acc) a = Vec(T(0));
+    for (int64_t i = 0; i < D; ++i) {
+      const Vec xi(x[i * x_stride]);
+      const T* v = V + i * v_dim_stride + j0;
+      for (int64_t q = 0; q < kBlock && q * L < width; ++q) {
+        const int64_t n = std::min(L, width - q * L);
+        acc[q] = at::vec::fmadd(xi, n == L ? Vec::loadu(v + q * L) : Vec::loadu(v + q * L, n), acc[q]);
+      }
+    }
+    for (int64_t q = 0; q < kBlock && q * L < width; ++q) acc[q].store(z + j0 + q * L, std::min(L, width - q * L));
+  }
+}
+
+// Rows per sample below which shrink skips the packing (shrink_row_unpacked).
+constexpr int64_t kUnpackedRows = 4;
 
 template <typename scalar_t>
 void shrink_kernel(const LowrankShrinkParams& p) {
@@ -41,6 +88,18 @@ void shrink_kernel(const LowrankShrinkParams& p) {
   const auto* V = static_cast<const scalar_t*>(p.V);
   auto* z = static_cast<acc_t*>(p.z);
   const int64_t rows = p.batch * p.seqlen, D = p.dim, R = p.rank;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (p.seqlen < kUnpackedRows && p.v_rank_stride == 1) {
+      at::parallel_for(0, rows, grain_rows(D, R), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const int64_t b = n / p.seqlen, t = n % p.seqlen;
+          shrink_row_unpacked(x + b * p.x_batch_stride + t * p.x_seq_stride, p.x_dim_stride,
+                              V + b * p.v_batch_stride, p.v_dim_stride, D, R, z + n * R);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, rows, grain_rows(D, R), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> Vt, xrow(D);
     int64_t packed = -1;
