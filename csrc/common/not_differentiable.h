@@ -6,7 +6,7 @@
 // whose gradients come out as zeros, or never reach the inputs' .grad: silently. It is
 // C++ rather than a Python kernel because the decode steps run once per layer and
 // token, and a Python kernel costs each call ~25 us of boxing and interpreter time
-// (docs: benchmarks/RESULTS.md, RWKV-7 decode overheads).
+// (benchmarks/RESULTS.md, "RWKV-7 decode overheads").
 //
 // The refusal reads "prosg.<op>: <argument> requires grad, but prosg.<op> <why>"; an
 // element j of a tensor-list argument is "<name>[j]", or for the decode steps' delta
