@@ -31,8 +31,14 @@
 #include "rwkv4_step/cuda/rwkv4_step_launch.h"
 #include "rwkv4_step/rwkv4_step_math.h"
 #include "tests/harness.h"
+#include "emu_test.h"
 #include "wkv4/cuda/wkv4_launch.h"
 #include "wkv4/wkv4_math.h"
+
+std::mt19937_64& prosg::emu_test::rng() {
+  static std::mt19937_64 g(1234);
+  return g;
+}
 
 namespace {
 
@@ -40,45 +46,7 @@ using prosg::DType;
 using prosg::cuda::from_float;
 using prosg::cuda::to_float;
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    default: return "float64";
-  }
-}
-
-// Tolerances as tests/tolerances.py: float32 accumulation, and 4 roundings' worth
-// (4u) for an output stored in float16/bfloat16.
-double tol_of(DType d) {
-  switch (d) {
-    case DType::kFloat16: return 4 * std::ldexp(1.0, -11);
-    case DType::kBFloat16: return 4 * std::ldexp(1.0, -8);
-    default: return 2e-5;
-  }
-}
-
-std::mt19937_64& rng() {
-  static std::mt19937_64 g(1234);
-  return g;
-}
-double normal() {
-  static std::normal_distribution<double> d(0.0, 1.0);
-  return d(rng());
-}
-double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng()); }
-
-// How a [d0, d1, d2] input is laid out in memory.
-enum class Layout { kContiguous, kPadded, kTransposed, kExpanded };
-const char* layout_name(Layout l) {
-  switch (l) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kPadded: return "padded";
-    case Layout::kTransposed: return "transposed";
-    default: return "expanded";
-  }
-}
+using namespace prosg::emu_test;
 
 // A 3-d input of element type E in one of the layouts, over storage of exactly the
 // size the layout needs (so ASan sees a read past it), with values drawn once in
@@ -104,52 +72,6 @@ struct Input3 {
   double at(int64_t i, int64_t j, int64_t k) const { return to_float(storage[i * s0 + j * s1 + k * s2]); }
   const E* data() const { return storage.data(); }
 };
-
-template <typename E>
-E nan_of() {
-  return from_float<E>(NAN);
-}
-
-// A NaN-filled output of n elements of E.
-template <typename E>
-std::vector<E> poisoned(int64_t n) {
-  return std::vector<E>(static_cast<size_t>(std::max<int64_t>(n, 1)), nan_of<E>());
-}
-
-template <typename E>
-std::vector<double> as_double(const std::vector<E>& v, int64_t n) {
-  std::vector<double> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = to_float(v[i]);
-  return out;
-}
-
-// actual ~ expected elementwise with atol = tol * max(1, max|expected|) (the results
-// are sums of O(1) terms; see tests/test_wkv4.py's check) and rtol = tol.
-bool close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
-           double tol) {
-  double scale = 1.0;
-  for (double e : expected) scale = std::max(scale, std::fabs(e));
-  const double atol = tol * scale;
-  int64_t bad = 0, first = -1;
-  double worst = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    const double a = actual[i], e = expected[i];
-    const bool ok = !std::isnan(a) && !std::isnan(e) && std::fabs(a - e) <= atol + tol * std::fabs(e);
-    if (!ok) {
-      if (first < 0) first = static_cast<int64_t>(i);
-      ++bad;
-      worst = std::max(worst, std::isnan(a) ? INFINITY : std::fabs(a - e));
-    }
-  }
-  PROSG_EXPECT(bad == 0) << what << ":" << bad << "of" << expected.size() << "elements off, first at" << first
-                         << "(got" << (first >= 0 ? actual[first] : 0) << "expected"
-                         << (first >= 0 ? expected[first] : 0) << "), worst |diff|" << worst << "atol" << atol;
-  return bad == 0;
-}
-
-void expect_launch(cudaError_t err, const std::string& what) {
-  PROSG_EXPECT(err == cudaSuccess) << what << ":" << cudaGetErrorName(err) << cuda_emu::failure_message();
-}
 
 // ---- wkv4 ---------------------------------------------------------------------------
 

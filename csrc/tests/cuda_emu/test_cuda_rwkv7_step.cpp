@@ -15,6 +15,12 @@
 #include "common/cuda_types.cuh"
 #include "rwkv7_step/cuda/rwkv7_step_launch.h"
 #include "tests/harness.h"
+#include "emu_test.h"
+
+std::mt19937_64& prosg::emu_test::rng() {
+  static std::mt19937_64 g(777);
+  return g;
+}
 
 namespace {
 
@@ -22,29 +28,9 @@ using prosg::DType;
 using prosg::cuda::from_float;
 using prosg::cuda::to_float;
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    default: return "float32";
-  }
-}
-
-// tests/tolerances.py: float32 arithmetic, and 4u for an output stored in 16 bits.
-double tol_of(DType d) {
-  switch (d) {
-    case DType::kFloat16: return 4 * std::ldexp(1.0, -11);
-    case DType::kBFloat16: return 4 * std::ldexp(1.0, -8);
-    default: return 2e-5;
-  }
-}
-
-std::mt19937_64& rng() {
-  static std::mt19937_64 g(777);
-  return g;
-}
-double normal() { return std::normal_distribution<double>(0.0, 1.0)(rng()); }
-double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng()); }
+// The outputs here are O(1) element by element: a fixed atol (tol), not one scaled by
+// the largest expected value.
+using namespace prosg::emu_test;
 
 // n values of element type E drawn by `draw`, with their rounded values in float64.
 template <typename E>
@@ -60,37 +46,6 @@ struct Values {
   }
   const E* data() const { return stored.data(); }
 };
-
-template <typename E>
-std::vector<E> poisoned(int64_t n) {
-  return std::vector<E>(static_cast<size_t>(std::max<int64_t>(n, 1)), from_float<E>(NAN));
-}
-
-template <typename E>
-std::vector<double> as_double(const std::vector<E>& v, int64_t n) {
-  std::vector<double> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = to_float(v[i]);
-  return out;
-}
-
-void close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
-           double tol) {
-  int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    const double a = actual[i], e = expected[i];
-    if (std::isnan(a) || !(std::fabs(a - e) <= tol + tol * std::fabs(e))) {
-      if (first < 0) first = static_cast<int64_t>(i);
-      ++bad;
-    }
-  }
-  PROSG_EXPECT(bad == 0) << what << ":" << bad << "of" << expected.size() << "elements off, first at" << first
-                         << "(got" << (first >= 0 ? actual[first] : 0) << "expected"
-                         << (first >= 0 ? expected[first] : 0) << ")";
-}
-
-void expect_launch(cudaError_t err, const std::string& what) {
-  PROSG_EXPECT(err == cudaSuccess) << what << ":" << cudaGetErrorName(err) << cuda_emu::failure_message();
-}
 
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 double softplus(double x) { return x > 20 ? x : std::log1p(std::exp(x)); }
@@ -116,7 +71,7 @@ void run_case(int64_t B, int64_t H, int64_t N, bool residual, DType dt, cuda_emu
   for (int64_t m = 0; m < 6; ++m)
     for (int64_t i = 0; i < BC; ++i)
       xs_ref[m * BC + i] = x.value[i] + (shift.value[i] - x.value[i]) * mix[m * C + i % C];
-  close(name + " mix", as_double(xs, 6 * BC), xs_ref, tol_of(dt));
+  close(name + " mix", as_double(xs, 6 * BC), xs_ref, tol_of(dt), /*atol=*/tol_of(dt));
 
   // prepare.
   Values<E> r(BC, normal), k(BC, normal), v(BC, normal), v_first(BC, normal);
@@ -153,7 +108,7 @@ void run_case(int64_t B, int64_t H, int64_t N, bool residual, DType dt, cuda_emu
       prep_ref[5 * BC + i] = kk * a;
     }
   }
-  close(name + " prepare", as_double(prepared, 6 * BC), prep_ref, tol_of(DType::kFloat32));
+  close(name + " prepare", as_double(prepared, 6 * BC), prep_ref, tol_of(DType::kFloat32), /*atol=*/tol_of(DType::kFloat32));
 
   // output, from a made-up wkv7 output y and the prepared r, k, v.
   std::vector<float> y(BC), g(BC), r_k(C), ln_w(C), ln_b(C);
@@ -181,7 +136,7 @@ void run_case(int64_t B, int64_t H, int64_t N, bool residual, DType dt, cuda_emu
       out_ref[i] = (gn + bonus * prepared[3 * BC + i]) * g[i];
     }
   }
-  close(name + " output", as_double(out, BC), out_ref, tol_of(dt));
+  close(name + " output", as_double(out, BC), out_ref, tol_of(dt), /*atol=*/tol_of(dt));
   cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
 }
 

@@ -20,8 +20,14 @@
 
 #include "common/cuda_types.cuh"
 #include "tests/harness.h"
+#include "emu_test.h"
 #include "wkv7/cuda/wkv7_launch.h"
 #include "wkv7/wkv7_math.h"
+
+std::mt19937_64& prosg::emu_test::rng() {
+  static std::mt19937_64 g(4321);
+  return g;
+}
 
 namespace {
 
@@ -30,44 +36,7 @@ using prosg::cuda::from_float;
 using prosg::cuda::to_float;
 namespace wk = prosg::wkv7;
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    default: return "float64";
-  }
-}
-
-// Tolerances as tests/tolerances.py: float32 accumulation, and 4u for an output
-// stored in float16/bfloat16.
-double tol_of(DType d) {
-  switch (d) {
-    case DType::kFloat16: return 4 * std::ldexp(1.0, -11);
-    case DType::kBFloat16: return 4 * std::ldexp(1.0, -8);
-    default: return 2e-5;
-  }
-}
-
-std::mt19937_64& rng() {
-  static std::mt19937_64 g(4321);
-  return g;
-}
-double normal() {
-  static std::normal_distribution<double> d(0.0, 1.0);
-  return d(rng());
-}
-double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng()); }
-
-enum class Layout { kContiguous, kPadded, kTransposed, kExpanded };
-const char* layout_name(Layout l) {
-  switch (l) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kPadded: return "padded";
-    case Layout::kTransposed: return "transposed";
-    default: return "expanded";
-  }
-}
+using namespace prosg::emu_test;
 
 // A [B, T, H, N] input of element type E in one of the layouts, over storage of exactly
 // the size the layout needs (so ASan sees a read past it). Values are set in float64
@@ -95,44 +64,6 @@ struct Input4 {
   double at(int64_t b, int64_t t, int64_t h, int64_t n) const { return to_float(storage[index(b, t, h, n)]); }
   prosg::Wkv7Input param() const { return {storage.data(), sb, st, sh, sn}; }
 };
-
-template <typename E>
-std::vector<E> poisoned(int64_t n) {
-  return std::vector<E>(static_cast<size_t>(std::max<int64_t>(n, 1)), from_float<E>(NAN));
-}
-
-template <typename E>
-std::vector<double> as_double(const std::vector<E>& v, int64_t n) {
-  std::vector<double> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = to_float(v[i]);
-  return out;
-}
-
-// actual ~ expected with atol = tol * max(1, max|expected|), rtol = tol (as test_cuda_kernels.cpp).
-bool close(const std::string& what, const std::vector<double>& actual, const std::vector<double>& expected,
-           double tol) {
-  double scale = 1.0;
-  for (double e : expected) scale = std::max(scale, std::fabs(e));
-  const double atol = tol * scale;
-  int64_t bad = 0, first = -1;
-  double worst = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    const double a = actual[i], e = expected[i];
-    if (!(!std::isnan(a) && std::fabs(a - e) <= atol + tol * std::fabs(e))) {
-      if (first < 0) first = static_cast<int64_t>(i);
-      ++bad;
-      worst = std::max(worst, std::isnan(a) ? INFINITY : std::fabs(a - e));
-    }
-  }
-  PROSG_EXPECT(bad == 0) << what << ":" << bad << "of" << expected.size() << "elements off, first at" << first
-                         << "(got" << (first >= 0 ? actual[first] : 0) << "expected"
-                         << (first >= 0 ? expected[first] : 0) << "), worst |diff|" << worst << "atol" << atol;
-  return bad == 0;
-}
-
-void expect_launch(cudaError_t err, const std::string& what) {
-  PROSG_EXPECT(err == cudaSuccess) << what << ":" << cudaGetErrorName(err) << cuda_emu::failure_message();
-}
 
 struct Case {
   int64_t B, T, H, N;
