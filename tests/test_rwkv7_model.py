@@ -74,6 +74,42 @@ def test_continued_state_equals_one_pass_and_decode_steps(model):
         assert_close(state.wkv, state_full.wkv, torch.float32, "chunked prefill state")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_batched_prefill_equals_one_forward_per_row(model, dtype):
+    """prefill_rows (one forward; each row's state frozen after its own length) equals
+    every row run alone over exactly its tokens: the wkv state, both token shifts, and
+    the logits of the next token from that state; prosg.models.generation.prefill
+    takes it."""
+    from prosg.models.generation import prefill
+
+    m = model if dtype == torch.float32 else random_rwkv7_model().to(dtype)
+    lengths = [7, 1, 12, 4, 7]
+    ids = ids_(len(lengths), 13, seed=3)  # one column of padding past the longest row
+    calls = []
+    handle = m.blocks[0].attention.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        batched = prefill(m, ids, lengths)
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "one batched forward for all rows"
+    nxt = ids_(len(lengths), 1, seed=4)
+    with torch.no_grad():
+        got_next, _ = m(nxt, state=batched)
+        for b, n in enumerate(lengths):
+            _, alone = m(ids[b:b + 1, :n])
+            want_next, _ = m(nxt[b:b + 1], state=alone)
+            for name in ("wkv", "att_shift", "ffn_shift"):
+                assert_close(getattr(batched, name)[:, b], getattr(alone, name)[:, 0], dtype, f"row {b} {name}")
+            assert_close(got_next[b], want_next[0], dtype, f"row {b} next logits")
+    with pytest.raises(ValueError, match="lengths must be 5 values in"):
+        m.prefill_rows(ids, [7, 0, 12, 4, 7])
+    # A row of length 0 gets the empty state; the others are prefilled together.
+    mixed = prefill(m, ids, [7, 0, 12, 4, 7])
+    assert mixed.wkv[:, 1].abs().sum() == 0 and mixed.att_shift[:, 1].abs().sum() == 0
+    for b in (0, 2, 3, 4):
+        assert_close(mixed.wkv[:, b], batched.wkv[:, b], dtype, f"row {b} wkv beside an empty row")
+
+
 def test_state_operations(model):
     ids = ids_(3, 4)
     with torch.no_grad():

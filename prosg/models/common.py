@@ -77,6 +77,16 @@ def batch_hint(t: Tensor, batch: int) -> str:
     return ""
 
 
+def last_token(x: Tensor, last: Tensor | None = None) -> Tensor:
+    """The vector of each row's last token: ``x`` itself for one token (``[B, H]``),
+    ``x[:, -1]`` for a sequence, or ``x[b, last[b]]`` with ``last`` (``[B]``)."""
+    if x.dim() == 2:
+        return x
+    if last is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), last]
+
+
 def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """The previous token's vector at every position: ``[prev, x_0, ..., x_{T-2}]``
     (zeros before the first token of a sequence without state). A single token
@@ -220,6 +230,26 @@ class RWKVLanguageModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
+
+    def _check_lengths(self, input_ids: Tensor, lengths: list[int]) -> list[int]:
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != input_ids.shape[0] or any(n < 1 or n > input_ids.shape[1] for n in lengths):
+            raise ValueError(f"prefill_rows: lengths must be {input_ids.shape[0]} values in [1, "
+                             f"{input_ids.shape[1]}], got {lengths}")
+        return lengths
+
+    @torch.no_grad()
+    def prefill_rows(self, input_ids: Tensor, lengths: list[int]):
+        """The state after the first ``lengths[b]`` tokens of each row of the
+        right-padded ``input_ids [B, P]`` (the protocol's ``prefill_rows``): one forward
+        per distinct length, the rows of that length as one batch."""
+        lengths = self._check_lengths(input_ids, lengths)
+        state = self.zero_state(len(lengths))
+        for n in sorted(set(lengths)):
+            rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], dtype=torch.long, device=self.device)
+            _, s = self(input_ids.index_select(0, rows)[:, :n], logits_to_keep=1)
+            state.index_copy_(rows, s)
+        return state
 
     def forward(self, input_ids: Tensor, state=None, delta: Delta | dict | None = None, *,
                 logits_to_keep: int = 0):

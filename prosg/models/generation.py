@@ -98,10 +98,11 @@ def _stop_tensor(stop_tokens, vocab_size: int, device: torch.device) -> Tensor |
 @torch.no_grad()
 def prefill(model, input_ids: Tensor, lengths: Tensor | list[int]) -> RecurrentState | None:
     """The state after the first ``lengths[b]`` tokens of each row ``b`` of the
-    right-padded ``input_ids [B, P]``, in row order, base weights, no delta. Rows of
-    equal length run as one batch, so no pad ever enters a state (an RNN's state is
-    changed by every token it reads); a row of length 0 gets the empty state. None
-    when every length is 0."""
+    right-padded ``input_ids [B, P]``, in row order, base weights, no delta, no
+    gradient: the model's :meth:`~prosg.models.protocol.RecurrentLM.prefill_rows` for
+    the rows of nonzero length (no pad ever changes a state: an RNN's state is changed
+    by every token it reads); a row of length 0 gets the empty state. None when every
+    length is 0."""
     lengths = lengths.tolist() if isinstance(lengths, Tensor) else list(lengths)
     if len(lengths) != input_ids.shape[0]:
         raise ValueError(f"prefill: {len(lengths)} lengths for {input_ids.shape[0]} rows of input_ids")
@@ -109,12 +110,12 @@ def prefill(model, input_ids: Tensor, lengths: Tensor | list[int]) -> RecurrentS
         raise ValueError(f"prefill: lengths must be in [0, {input_ids.shape[1]}] (input_ids' width), got {lengths}")
     if all(n == 0 for n in lengths):
         return None
-    state = model.zero_state(len(lengths))
-    for n in sorted(set(lengths) - {0}):
-        rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], dtype=torch.long, device=model.device)
-        _, s = model(input_ids.index_select(0, rows)[:, :n], logits_to_keep=1)
-        state.index_copy_(rows, s)
-    return state
+    if all(n > 0 for n in lengths):
+        return model.prefill_rows(input_ids, lengths)
+    rows = [b for b, n in enumerate(lengths) if n > 0]
+    index = torch.tensor(rows, dtype=torch.long, device=model.device)
+    filled = model.prefill_rows(input_ids.index_select(0, index), [lengths[b] for b in rows])
+    return model.zero_state(len(lengths)).index_copy_(index, filled)
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:

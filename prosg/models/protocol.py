@@ -79,6 +79,12 @@ class RecurrentLM(Protocol):
         """The state before any token (what ``state=None`` means)."""
         ...
 
+    def prefill_rows(self, input_ids: Tensor, lengths: list[int]) -> RecurrentState:
+        """The state after the first ``lengths[b]`` tokens (``1 <= lengths[b] <= P``)
+        of each row of the right-padded ``input_ids [B, P]``, base weights, no delta,
+        no gradient; no token past a row's length changes its state."""
+        ...
+
     # The generation loop: checked once, then one unchecked step per token.
 
     def start_decoding(self, input_ids: Tensor, state: RecurrentState | None,

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.checks import check_count
-from prosg.models.common import RWKVLanguageModel, flat_deltas, project, takes_fused_step, token_shift
+from prosg.models.common import (RWKVLanguageModel, flat_deltas, last_token, project, takes_fused_step,
+                                 token_shift)
 from prosg.models.config import RWKV7Config
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import RWKV7State, parse_delta_name
@@ -103,9 +104,12 @@ class RWKV7TimeMix(nn.Module):
         return list((x + xx * mix).unbind(0))
 
     def forward(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, v_first: Tensor | None,
-                delta: dict[str, LowRank], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                delta: dict[str, LowRank], scale: float,
+                last: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``x``: the ``ln1`` output, ``[B, T, H]`` or ``[B, H]`` for one token;
         ``v_first``: layer 0's value at the same positions (None in layer 0).
+        ``last`` (``[B]``, sequences only): the position of each row's last token; the
+        positions after it leave the state as it is (see :meth:`RWKV7LM.prefill_rows`).
         Returns ``(output, x of the last token, WKV state, v_first)``."""
         single = x.dim() == 2
         B, C = x.shape[0], x.shape[-1]
@@ -124,6 +128,13 @@ class RWKV7TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(B, T, nh, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
+        if last is not None:
+            # Past a row's last token the step is the identity: decay exp(-exp(-inf)) = 1,
+            # nothing removed (kk = 0, so a = b = 0) and nothing written (k = 0).
+            keep = (torch.arange(T, device=x.device) <= last.unsqueeze(1)).unsqueeze(-1)
+            w = w.masked_fill(~keep, float("-inf"))
+            kk = kk * keep.unsqueeze(-1)
+            k = k * keep
         if self.layer_id == 0:
             v_first = v
         else:
@@ -140,7 +151,7 @@ class RWKV7TimeMix(nn.Module):
         bonus = (r * k * self.r_k.view(C)).view(B, T, nh, N).sum(-1, keepdim=True) * v.view(B, T, nh, N)
         out = (out.view(B, T, C) + bonus.view(B, T, C)).view(x.shape) * g
         out = project(out, self.output.weight, delta.get("output"), scale)
-        return out, (x if single else x[:, -1]), wkv_state, v_first
+        return out, last_token(x, last), wkv_state, v_first
 
     def _fused_step(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, v_first: Tensor | None,
                     delta: dict[str, LowRank], scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -180,9 +191,10 @@ class RWKV7ChannelMix(nn.Module):
     def mix(self, x: Tensor, shifted: Tensor) -> Tensor:
         return x + (shifted - x) * self.x_k
 
-    def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
-                scale: float) -> tuple[Tensor, Tensor]:
-        """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
+    def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank], scale: float,
+                last: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x``: the ``ln2`` output; ``last`` as :meth:`RWKV7TimeMix.forward`'s.
+        Returns ``(output, x of the last token)``."""
         if takes_fused_step(self, x, delta, prev):
             # One token without gradients: the fused decode step
             # (prosg.ops.rwkv7_channel_mix_step), called as _fused_step above is.
@@ -194,7 +206,7 @@ class RWKV7ChannelMix(nn.Module):
             return out, x
         xk = self.mix(x, token_shift(x, prev))
         key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))
-        return project(key, self.value.weight, delta.get("value"), scale), (x if x.dim() == 2 else x[:, -1])
+        return project(key, self.value.weight, delta.get("value"), scale), last_token(x, last)
 
 
 class RWKV7Block(nn.Module):
@@ -355,11 +367,30 @@ class RWKV7LM(RWKVLanguageModel):
 
     # ------------------------------------------------------------------ forward
 
+    @torch.no_grad()
+    def prefill_rows(self, input_ids: Tensor, lengths: list[int]) -> RWKV7State:
+        """The state after the first ``lengths[b]`` tokens (``1 <= lengths[b] <= P``)
+        of each row of the right-padded ``input_ids [B, P]``, base weights, in one
+        batched forward: past its length a row's positions leave its state as it is
+        (the step there is the identity, exactly) and its token-shift vectors are taken
+        at its last token. Equals one forward per distinct length (the generic
+        ``prefill_rows``) up to the rounding of other batch shapes
+        (tests/test_rwkv7_model.py)."""
+        lengths = self._check_lengths(input_ids, lengths)
+        ids = input_ids[:, :max(lengths)]
+        if len(set(lengths)) == 1:  # nothing to mask
+            return self(ids, logits_to_keep=1)[1]
+        self._check_input_ids(ids)
+        last = torch.tensor(lengths, dtype=torch.long, device=self.device) - 1
+        _, (att, ffn, wkv) = self._forward(ids, None, None, logits_to_keep=1, last=last)
+        return self.STATE(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
+
     def _forward(self, input_ids: Tensor, layers: tuple[list, list, list] | None,
                  deltas: tuple[list[dict], list[dict], float] | None,
-                 logits_to_keep: int = 0) -> tuple[Tensor, tuple[list, list, list]]:
+                 logits_to_keep: int = 0, last: Tensor | None = None) -> tuple[Tensor, tuple[list, list, list]]:
         """The unchecked forward on per-layer state lists. One token runs on
-        ``[B, H]`` tensors throughout: no token-shift copies, 2-D GEMMs."""
+        ``[B, H]`` tensors throughout: no token-shift copies, 2-D GEMMs. ``last``: see
+        :meth:`prefill_rows` (sequences only; the logits are then meaningless)."""
         single = input_ids.shape[1] == 1
         h = F.embedding(input_ids[:, 0] if single else input_ids, self.embeddings.weight)
         no_delta: dict = {}
@@ -371,10 +402,11 @@ class RWKV7LM(RWKVLanguageModel):
                 h = block.ln0(h)
             att_out, att_shift, wkv_state, v_first = block.attention(
                 block.ln1(h), layers[0][i] if layers else None, layers[2][i] if layers else None, v_first,
-                att_deltas[i] if att_deltas else no_delta, scale)
+                att_deltas[i] if att_deltas else no_delta, scale, last)
             h = h + att_out
             ffn_out, ffn_shift = block.feed_forward(
-                block.ln2(h), layers[1][i] if layers else None, ffn_deltas[i] if ffn_deltas else no_delta, scale)
+                block.ln2(h), layers[1][i] if layers else None, ffn_deltas[i] if ffn_deltas else no_delta, scale,
+                last)
             h = h + ffn_out
             new_att.append(att_shift)
             new_ffn.append(ffn_shift)
