@@ -380,8 +380,12 @@ class RWKV7LM(RWKVLanguageModel):
         ids = input_ids[:, :max(lengths)]
         if len(set(lengths)) == 1:  # nothing to mask
             return self(ids, logits_to_keep=1)[1]
-        self._check_input_ids(ids)
         last = torch.tensor(lengths, dtype=torch.long, device=self.device) - 1
+        # The pads are read but never reach a state: any id will do, so a caller's pad
+        # value (possibly outside the vocabulary) is replaced, and only tokens checked.
+        pad = torch.arange(ids.shape[1], device=self.device) > last.unsqueeze(1)
+        ids = ids.masked_fill(pad.to(ids.device), 0)
+        self._check_input_ids(ids)
         _, (att, ffn, wkv) = self._forward(ids, None, None, logits_to_keep=1, last=last)
         return self.STATE(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
 
