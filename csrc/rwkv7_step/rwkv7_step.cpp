@@ -126,6 +126,28 @@ at::Tensor channel_vector(const at::Tensor& t, const Dims& d) {
   return t.reshape({d.channels}).to(d.acc).contiguous();
 }
 
+// The backend's mix kernel: out[m] = x + (shift - x) * mixes[m] for m < n_mix, [n_mix, B, C]
+// in x's dtype; `mixes` holds n_mix * C contiguous values of the accumulation type.
+at::Tensor token_shift_mixes(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& mixes, int64_t n_mix,
+                             const Backend& backend) {
+  const int64_t B = x.size(0), C = x.size(1);
+  at::Tensor out = at::empty({n_mix, B, C}, x.options());
+  if (out.numel() > 0) {
+    const at::Tensor xc = x.contiguous(), sc = shift.contiguous();
+    Rwkv7MixParams p;
+    p.batch = B;
+    p.channels = C;
+    p.n_mix = n_mix;
+    p.dtype = to_dtype(x.scalar_type());
+    p.x = xc.data_ptr();
+    p.shift = sc.data_ptr();
+    p.mix = mixes.data_ptr();
+    p.out = out.data_ptr();
+    backend.mix(p);
+  }
+  return out;
+}
+
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::pair<Opt, Opt>& uv, double scale,
                    const Backend& backend) {
   return lowrank::forward({x, weight, std::nullopt, uv.first, uv.second}, scale, backend.lowrank);
@@ -147,20 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> time_mix_step(const TimeMixInputs
                                       in.x_v.reshape({C}), in.x_a.reshape({C}), in.x_g.reshape({C})})
                                .to(d.acc)
                                .contiguous();
-  const at::Tensor xc = x.contiguous(), sc = in.shift.contiguous();
-  at::Tensor xs = at::empty({6, B, C}, x.options());
-  if (xs.numel() > 0) {
-    Rwkv7MixParams p;
-    p.batch = B;
-    p.channels = C;
-    p.n_mix = 6;
-    p.dtype = to_dtype(d.dtype);
-    p.x = xc.data_ptr();
-    p.shift = sc.data_ptr();
-    p.mix = mixes.data_ptr();
-    p.out = xs.data_ptr();
-    backend.mix(p);
-  }
+  const at::Tensor xs = token_shift_mixes(x, in.shift, mixes, 6, backend);
   const at::Tensor xr = xs[0], xw = xs[1], xk = xs[2], xv = xs[3], xa = xs[4], xg = xs[5];
 
   const at::Tensor r = project(xr, in.receptance_weight, dr, scale, backend).contiguous();
@@ -297,20 +306,7 @@ at::Tensor channel_mix_step(const ChannelMixInputs& in, double scale, const Back
                     in.deltas.size());
   const auto dk = delta_pair(in.deltas, 0, "key", op), dv = delta_pair(in.deltas, 1, "value", op);
 
-  at::Tensor xk = at::empty({B, C}, x.options());
-  if (xk.numel() > 0) {
-    const at::Tensor mix = channel_vector(in.x_k, d), xc = x.contiguous(), sc = in.shift.contiguous();
-    Rwkv7MixParams p;
-    p.batch = B;
-    p.channels = C;
-    p.n_mix = 1;
-    p.dtype = to_dtype(d.dtype);
-    p.x = xc.data_ptr();
-    p.shift = sc.data_ptr();
-    p.mix = mix.data_ptr();
-    p.out = xk.data_ptr();
-    backend.mix(p);
-  }
+  const at::Tensor xk = token_shift_mixes(x, in.shift, channel_vector(in.x_k, d), 1, backend)[0];
   at::Tensor k = project(xk, in.key_weight, dk, scale, backend);
   k.relu_();
   k.mul_(k);  // squared ReLU
