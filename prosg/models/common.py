@@ -60,17 +60,6 @@ def takes_fused_step(module: nn.Module, x: Tensor, delta: dict[str, LowRank], *s
                 or any(s is not None and s.requires_grad for s in states))
 
 
-def flat_deltas(delta: dict[str, LowRank], kinds: tuple[str, ...]) -> list[Tensor | None]:
-    """A decode-step op's ``deltas`` argument: ``[U, V]`` per kind in ``kinds`` order
-    (None, None for a kind without a delta), or ``[]`` when none has one."""
-    if not delta:
-        return []
-    flat: list[Tensor | None] = []
-    for kind in kinds:
-        flat += delta.get(kind) or (None, None)
-    return flat
-
-
 def batch_hint(t: Tensor, batch: int) -> str:
     if t.dim() == 3 and t.shape[0] != batch:
         return f" (batch size {t.shape[0]}, but input_ids has batch size {batch})"

@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prosg.models.checks import check_count
-from prosg.models.common import (RWKVLanguageModel, flat_deltas, last_token, project, takes_fused_step,
-                                 token_shift)
+from prosg.models.common import RWKVLanguageModel, last_token, project, takes_fused_step, token_shift
 from prosg.models.config import RWKV7Config
 from prosg.models.protocol import LayerInputs
 from prosg.models.state import RWKV7State, parse_delta_name
 from prosg.numerics import accumulation_dtype
 from prosg.ops import wkv7
+from prosg.ops._checks import flatten_deltas
 
 LowRank = tuple[Tensor, Tensor]
 
@@ -172,7 +172,8 @@ class RWKV7TimeMix(nn.Module):
             p["a2"], p["g1"], p["g2"], p["v0"] if later else None, p["v1"] if later else None,
             p["v2"] if later else None, p["k_k"], p["k_a"], p["r_k"], m["receptance"]._parameters["weight"],
             m["key"]._parameters["weight"], m["value"]._parameters["weight"], m["output"]._parameters["weight"],
-            ln_x._parameters["weight"], ln_x._parameters["bias"], float(ln_x.eps), flat_deltas(delta, ATTENTION_KINDS),
+            ln_x._parameters["weight"], ln_x._parameters["bias"], float(ln_x.eps),
+            flatten_deltas("rwkv7_time_mix_step", [delta.get(kind) for kind in ATTENTION_KINDS], ATTENTION_KINDS),
             float(scale))
         return out, x, wkv_state, (v_first if later else v)
 
@@ -202,7 +203,8 @@ class RWKV7ChannelMix(nn.Module):
             out = torch.ops.prosg.rwkv7_channel_mix_step.default(
                 x, prev if prev is not None else torch.zeros_like(x), self._parameters["x_k"],
                 m["key"]._parameters["weight"], m["value"]._parameters["weight"],
-                flat_deltas(delta, FEED_FORWARD_KINDS), float(scale))
+                flatten_deltas("rwkv7_channel_mix_step", [delta.get(kind) for kind in FEED_FORWARD_KINDS],
+                               FEED_FORWARD_KINDS), float(scale))
             return out, x
         xk = self.mix(x, token_shift(x, prev))
         key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))

@@ -92,3 +92,21 @@ def check_floating(op: str, name: str, t: Tensor, allow_double: bool) -> None:
     check(ok, lambda: f"{op}: {name} must be float32, float16 or bfloat16{suffix}, got {scalar_type_name(t.dtype)}")
 
 
+def flatten_deltas(name: str, deltas: list | None, kinds: tuple[str, ...]) -> list[Tensor | None]:
+    """A decode-step op's ``deltas`` argument from one ``(U, V)`` pair or None per kind
+    in ``kinds`` order: ``[U, V, ...]`` (None, None for a kind without one), or ``[]``
+    when no kind has one. ``name``: the op, for the messages."""
+    if deltas is None:
+        return []
+    if len(deltas) != len(kinds):
+        raise ValueError(f"prosg.{name}: deltas must list {len(kinds)} entries ({', '.join(kinds)}), "
+                         f"each (U, V) or None; got {len(deltas)}")
+    flat: list[Tensor | None] = []
+    for kind, uv in zip(kinds, deltas):
+        if uv is None:
+            flat += [None, None]
+        elif isinstance(uv, (tuple, list)) and len(uv) == 2:
+            flat += [uv[0], uv[1]]
+        else:
+            raise ValueError(f"prosg.{name}: the {kind} delta must be a pair (U, V) or None, got {type(uv)}")
+    return flat if any(t is not None for t in flat) else []

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from prosg.ops._checks import (
+    flatten_deltas,
     accumulation_dtype,
     allows_double,
     check,
@@ -27,23 +28,6 @@ from prosg.ops.lowrank_linear import validate as validate_lowrank_linear
 LowRank = tuple[Tensor, Tensor]
 
 
-def _flatten(name: str, deltas: list[LowRank | None] | None, kinds: tuple[str, ...]) -> list[Tensor | None]:
-    if deltas is None:
-        return []
-    if len(deltas) != len(kinds):
-        raise ValueError(f"prosg.{name}: deltas must list {len(kinds)} entries ({', '.join(kinds)}), "
-                         f"each (U, V) or None; got {len(deltas)}")
-    flat: list[Tensor | None] = []
-    for kind, uv in zip(kinds, deltas):
-        if uv is None:
-            flat += [None, None]
-        elif isinstance(uv, (tuple, list)) and len(uv) == 2:
-            flat += [uv[0], uv[1]]
-        else:
-            raise ValueError(f"prosg.{name}: the {kind} delta must be a pair (U, V) or None, got {type(uv)}")
-    return flat if any(t is not None for t in flat) else []
-
-
 TIME_MIX_KINDS = ("key", "value", "receptance", "output")
 CHANNEL_MIX_KINDS = ("key", "receptance", "value")
 
@@ -56,7 +40,7 @@ def rwkv4_time_mix_step(
     """One RWKV-4 time-mix step: ``x, shift [B, H]`` (this and the previous token's
     ``ln1`` outputs), ``wkv_state [B, 3, C]``; ``deltas``: ``(U, V)`` or None for the
     key, value, receptance and output projections. Returns ``(out [B, H], wkv_state)``."""
-    flat = _flatten("rwkv4_time_mix_step", deltas, TIME_MIX_KINDS)
+    flat = flatten_deltas("rwkv4_time_mix_step", deltas, TIME_MIX_KINDS)
     return torch.ops.prosg.rwkv4_time_mix_step.default(
         x, shift, wkv_state, time_mix_key, time_mix_value, time_mix_receptance, time_decay, time_first,
         key_weight, value_weight, receptance_weight, output_weight, flat, float(scale))
@@ -68,7 +52,7 @@ def rwkv4_channel_mix_step(
 ) -> Tensor:
     """One RWKV-4 channel-mix step: ``x, shift [B, H]`` (``ln2`` outputs); ``deltas``:
     ``(U, V)`` or None for the key, receptance and value projections. Returns ``[B, H]``."""
-    flat = _flatten("rwkv4_channel_mix_step", deltas, CHANNEL_MIX_KINDS)
+    flat = flatten_deltas("rwkv4_channel_mix_step", deltas, CHANNEL_MIX_KINDS)
     return torch.ops.prosg.rwkv4_channel_mix_step.default(
         x, shift, time_mix_key, time_mix_receptance, key_weight, receptance_weight, value_weight, flat, float(scale))
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from prosg.ops._checks import (
+    flatten_deltas,
     accumulation_dtype,
     allows_double,
     check,
@@ -27,7 +28,7 @@ from prosg.ops._checks import (
     shape_str,
 )
 from prosg.ops.lowrank_linear import validate as validate_lowrank_linear
-from prosg.ops.rwkv4_step import _delta_pairs, _flatten
+from prosg.ops.rwkv4_step import _delta_pairs
 
 LowRank = tuple[Tensor, Tensor]
 
@@ -64,7 +65,7 @@ def rwkv7_time_mix_step(
     Returns ``(out [B, C], wkv_state [B, H, N, N], v [B, C])``; ``v`` is this layer's
     value projection, which the later layers take as ``v_first`` when this is layer 0.
     """
-    flat = _flatten("rwkv7_time_mix_step", deltas, TIME_MIX_KINDS)
+    flat = flatten_deltas("rwkv7_time_mix_step", deltas, TIME_MIX_KINDS)
     return torch.ops.prosg.rwkv7_time_mix_step.default(
         x, shift, wkv_state, v_first, x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, g1, g2, v0, v1, v2,
         k_k, k_a, r_k, receptance_weight, key_weight, value_weight, output_weight, ln_x_weight, ln_x_bias,
@@ -84,7 +85,7 @@ def rwkv7_channel_mix_step(
     ``V [B, in, r]``). Returns ``out [B, C]``. Inference only, like
     :func:`rwkv7_time_mix_step`.
     """
-    flat = _flatten("rwkv7_channel_mix_step", deltas, CHANNEL_MIX_KINDS)
+    flat = flatten_deltas("rwkv7_channel_mix_step", deltas, CHANNEL_MIX_KINDS)
     return torch.ops.prosg.rwkv7_channel_mix_step.default(x, shift, x_k, key_weight, value_weight, flat,
                                                           float(scale))
 
