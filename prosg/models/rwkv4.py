@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,15 @@ def _fused_factor(x: Tensor, uv: LowRank | None, scale: float) -> LowRank | None
     return (z if scale == 1.0 else z * scale), U
 
 
+class Pads(NamedTuple):
+    """Left padding of a batched prefill (:meth:`RWKV4LM.prefill_rows`), ``[B, T, 1]``
+    bool masks: ``pad``, the positions before a row's first token; ``after_pad``, the
+    positions whose previous token is a pad (a row's first token, and pads)."""
+
+    pad: Tensor
+    after_pad: Tensor
+
+
 class RWKV4TimeMix(nn.Module):
     """Time-mixing (transformers' ``RwkvSelfAttention``)."""
 
@@ -66,8 +76,9 @@ class RWKV4TimeMix(nn.Module):
         self.output = nn.Linear(C, H, bias=False)
 
     def forward(self, x: Tensor, prev: Tensor | None, wkv_state: Tensor | None, delta: dict[str, LowRank],
-                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                scale: float, pads: Pads | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x``: the ``ln1`` output, ``[B, T, H]`` or ``[B, H]`` for one token.
+        ``pads``: see :meth:`RWKV4LM.prefill_rows` (sequences from the empty state only).
         Returns ``(output, x of the last token, WKV state)``."""
         if takes_fused_step(self, x, delta, prev, wkv_state):
             if wkv_state is None:
@@ -81,11 +92,17 @@ class RWKV4TimeMix(nn.Module):
                 [delta.get(kind) for kind in ATTENTION_KINDS], scale)
             return out, x, wkv_state
         shifted = token_shift(x, prev)
+        if pads is not None:
+            shifted = shifted.masked_fill(pads.after_pad, 0.0)
         # lerp(a, b, m) = a + m (b - a): HF's x m + shifted (1 - m) in one kernel.
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xv = torch.lerp(shifted, x, self.time_mix_value.view(-1))
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))
         key = F.linear(xk, self.key.weight)
+        if pads is not None:
+            # A key of -inf adds nothing (e^(k - q) = 0), and the empty state's p = -1e38
+            # absorbs the decay exactly (|w| is far below its float32 spacing).
+            key = key.masked_fill(pads.pad, float("-inf"))
         value = F.linear(xv, self.value.weight)
         receptance = torch.sigmoid(project(xr, self.receptance.weight, delta.get("receptance"), scale))
         single = x.dim() == 2
@@ -95,6 +112,8 @@ class RWKV4TimeMix(nn.Module):
                               _fused_factor(xk, delta.get("key"), scale), _fused_factor(xv, delta.get("value"), scale))
         if single:
             out = out.squeeze(1)
+        if pads is not None:
+            out = out.masked_fill(pads.pad, 0.0)  # 0/0 at a pad: no key has been read yet
         out = project(receptance * out, self.output.weight, delta.get("output"), scale)
         return out, (x if single else x[:, -1]), wkv_state
 
@@ -113,8 +132,9 @@ class RWKV4ChannelMix(nn.Module):
         self.value = nn.Linear(F_, H, bias=False)
 
     def forward(self, x: Tensor, prev: Tensor | None, delta: dict[str, LowRank],
-                scale: float) -> tuple[Tensor, Tensor]:
-        """``x``: the ``ln2`` output. Returns ``(output, x of the last token)``."""
+                scale: float, pads: Pads | None = None) -> tuple[Tensor, Tensor]:
+        """``x``: the ``ln2`` output; ``pads`` as :meth:`RWKV4TimeMix.forward`'s.
+        Returns ``(output, x of the last token)``."""
         if takes_fused_step(self, x, delta, prev):
             out = rwkv4_channel_mix_step(
                 x, prev if prev is not None else torch.zeros_like(x), self.time_mix_key, self.time_mix_receptance,
@@ -122,6 +142,8 @@ class RWKV4ChannelMix(nn.Module):
                 [delta.get(kind) for kind in FEED_FORWARD_KINDS], scale)
             return out, x
         shifted = token_shift(x, prev)
+        if pads is not None:
+            shifted = shifted.masked_fill(pads.after_pad, 0.0)
         xk = torch.lerp(shifted, x, self.time_mix_key.view(-1))
         xr = torch.lerp(shifted, x, self.time_mix_receptance.view(-1))
         key = torch.square(torch.relu(project(xk, self.key.weight, delta.get("key"), scale)))
@@ -268,12 +290,40 @@ class RWKV4LM(RWKVLanguageModel):
 
     # ------------------------------------------------------------------ forward
 
+    @torch.no_grad()
+    def prefill_rows(self, input_ids: Tensor, lengths: list[int]) -> RWKV4State:
+        """The state after the first ``lengths[b]`` tokens (``1 <= lengths[b] <= P``)
+        of each row of the right-padded ``input_ids [B, P]``, base weights, in one
+        batched forward. The rows are moved to the right (left padding) so that all end
+        at the last column; a pad's key is ``-inf`` and nothing reads a pad's token
+        shift, so a row's first token meets exactly the empty state and zero shifts, as
+        when it runs alone. (With right padding the decay would still act past a row's
+        end: RWKV-4's is per channel, not per position.) Equals one forward per
+        distinct length (the generic ``prefill_rows``) up to the rounding of other
+        batch shapes (tests/test_model.py)."""
+        lengths = self._check_lengths(input_ids, lengths)
+        width = max(lengths)
+        ids = input_ids[:, :width]
+        if len(set(lengths)) == 1:  # nothing to move
+            return self(ids, logits_to_keep=1)[1]
+        start = width - torch.tensor(lengths, dtype=torch.long, device=ids.device)
+        source = torch.arange(width, device=ids.device) - start.unsqueeze(1)
+        pad = source < 0
+        # A caller's pad value (possibly outside the vocabulary) is never read: replaced.
+        ids = ids.gather(1, source.clamp(min=0)).masked_fill(pad, 0)
+        self._check_input_ids(ids)
+        after_pad = torch.cat([torch.zeros_like(pad[:, :1]), pad[:, :-1]], 1)
+        pads = Pads(pad.unsqueeze(-1), after_pad.unsqueeze(-1))
+        _, (att, ffn, wkv) = self._forward(ids, None, None, logits_to_keep=1, pads=pads)
+        return self.STATE(torch.stack(att), torch.stack(ffn), torch.stack(wkv))
+
     def _forward(self, input_ids: Tensor, layers: tuple[list, list, list] | None,
                  deltas: tuple[list[dict], list[dict], float] | None,
-                 logits_to_keep: int = 0) -> tuple[Tensor, tuple[list, list, list]]:
+                 logits_to_keep: int = 0, pads: Pads | None = None) -> tuple[Tensor, tuple[list, list, list]]:
         """The unchecked forward on per-layer state lists (generation calls this once
         per token). One token runs on ``[B, H]`` tensors throughout: no token-shift
-        copies, 2-D GEMMs."""
+        copies, 2-D GEMMs. ``pads``: see :meth:`prefill_rows` (a sequence from the empty
+        state; the pads' logits are meaningless)."""
         cfg = self.config
         single = input_ids.shape[1] == 1
         h = F.embedding(input_ids[:, 0] if single else input_ids, self.embeddings.weight)
@@ -286,13 +336,14 @@ class RWKV4LM(RWKVLanguageModel):
                 h = block.pre_ln(h)
             att_out, att_shift, wkv_state = block.attention(
                 block.ln1(h), layers[0][i] if layers else None, layers[2][i] if layers else None,
-                att_deltas[i] if att_deltas else no_delta, scale)
+                att_deltas[i] if att_deltas else no_delta, scale, pads)
             # transformers divides these two weights by 2^(i // rescale_every) in eval;
             # scaling the product by a power of two is bit-for-bit the same.
             out_scale = 2.0 ** -(i // rescale) if rescale else 1.0
             h = torch.add(h, att_out, alpha=out_scale) if out_scale != 1.0 else h + att_out
             ffn_out, ffn_shift = block.feed_forward(
-                block.ln2(h), layers[1][i] if layers else None, ffn_deltas[i] if ffn_deltas else no_delta, scale)
+                block.ln2(h), layers[1][i] if layers else None, ffn_deltas[i] if ffn_deltas else no_delta, scale,
+                pads)
             h = torch.add(h, ffn_out, alpha=out_scale) if out_scale != 1.0 else h + ffn_out
             if rescale and (i + 1) % rescale == 0:
                 h = h * 0.5
