@@ -30,6 +30,10 @@ declare -A FLAGS=(
   [true_input]="--input-mode true"
   [layer_features]="--features layer"
   [no_filler_loss]="--no-filler-loss"
+  [span_w10]="--span-start-weight 10"
+  [span_w30]="--span-start-weight 30"
+  [span_w3]="--span-start-weight 3"
+  [span_w10_t1]="--span-start-weight 10 --span-start-tokens 1"
   [previous]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key --features layer --input-mode true --no-copy-tokens"
 )
 ORDER=(default rank1 rank16 residual_writers last_layer kv_ffnkey no_copy true_input layer_features no_filler_loss previous)

@@ -209,6 +209,42 @@ def test_filler_words_leave_the_loss(tagged):
     assert set(labels_full[dropped].tolist()) <= filler
 
 
+@pytest.mark.parametrize("tagged", [False, True])
+def test_span_start_weights(tagged):
+    """``span_start_weight``: exactly the first ``span_start_tokens`` tokens of each
+    non-ramble span (not a tag, a separator or a filler word) get the weight, and the
+    loss is the weighted mean of the per-token losses; 1 leaves the batch unweighted."""
+    from prosg.data import generate_examples
+    from prosg.method.train import continuation, freeze
+
+    data = MultiStageConfig(**{**DATA, "tag_stages": tagged, "ops": ("repeat", "ramble"), "min_stages": 3})
+    examples = generate_examples(data, 6, seed=4)
+    assert make_batch(data, 4, range(6)).label_weights is None
+    batch = make_batch(data, 4, range(6), span_start_weight=7.0, span_start_tokens=2)
+    want = torch.ones_like(batch.label_weights)
+    for b, e in enumerate(examples):
+        col = int(batch.response_start[b]) + (1 if tagged else 0)  # after the first tag
+        for k, stage in enumerate(e.stages):
+            if stage.op != "ramble":
+                want[b, col:col + min(2, stage.length)] = 7.0
+            col += stage.length + 1  # the span and its separator (or the next tag)
+    assert torch.equal(batch.label_weights, want)
+    assert any(s.op == "ramble" for e in examples for s in e.stages)
+    model = freeze(_model())
+    with torch.no_grad():
+        losses = response_loss(model, batch, reduction="none")
+        _, labels = continuation(batch)
+        w = torch.stack([want[b, int(batch.response_start[b]):][:labels.shape[1] - 1] for b in range(len(batch))])
+        w = torch.nn.functional.pad(w, (0, labels.shape[1] - 1 - w.shape[1])) * (labels[:, 1:] != -100)
+        assert float(response_loss(model, batch)) == pytest.approx(float((losses * w).sum() / w.sum()), rel=1e-6)
+    with pytest.raises(ValueError, match="span_start_weight"):
+        TrainConfig(span_start_weight=0.0)
+    with pytest.raises(ValueError, match="span_start_tokens"):
+        TrainConfig(span_start_tokens=0)
+    with pytest.raises(ValueError, match="user data"):
+        TrainConfig(span_start_weight=2.0, data_file="x.jsonl", tokenizer="t")
+
+
 def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
     from prosg.__main__ import main
 

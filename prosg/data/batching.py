@@ -59,6 +59,8 @@ class Batch:
     side. ``response_ids``/``response_mask`` [B, R]: responses alone, right-padded.
     ``prompt_lengths``/``response_lengths``/``response_start`` [B]: lengths, and the
     column of ``input_ids`` where each response starts (P in every row when left-padded).
+    ``label_weights`` [B, T] float or None: the weight of each label's loss in a
+    weighted mean (None: the plain mean; set by the caller, never by collate).
     """
 
     input_ids: Tensor
@@ -74,6 +76,7 @@ class Batch:
     response_start: Tensor
     prompt_padding: str
     meta: list
+    label_weights: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -86,6 +86,12 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={
         "help": "the cosine schedule's final learning rate, as a fraction of the peak", "min": 0})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)", "min": 0})
+    span_start_weight: float = field(default=1.0, metadata={
+        "help": "weight of the loss on the first --span-start-tokens tokens of each instruction's response span, "
+                "relative to the other response tokens (benchmark data: the tokens that decide which instruction "
+                "is carried out; 1: the plain mean)", "min": 0, "above": True})
+    span_start_tokens: int = field(default=3, metadata={
+        "help": "how many of a span's first tokens --span-start-weight weighs", "min": 1})
     filler_loss: bool = field(default=True, metadata={
         "help": "take the loss on ramble filler words too (without it the delta is free to disturb the "
                 "ramble, see docs/results.md)"})
@@ -116,7 +122,7 @@ class TrainConfig:
                 "memory, about one more forward)"})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "warmup_steps"):
+        for name in ("steps", "batch_size", "warmup_steps", "span_start_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup_steps" else 1):
                 raise ValueError(f"TrainConfig.{name} must be an int >= {0 if name == 'warmup_steps' else 1}, got {v!r}")
@@ -130,10 +136,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if self.data_file and not self.tokenizer:
             raise ValueError("TrainConfig.data_file needs a tokenizer (--tokenizer FILE|NAME)")
-        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "span_start_weight"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be a finite float >= 0, got {v!r}")
+        if self.span_start_weight == 0:
+            raise ValueError("TrainConfig.span_start_weight must be > 0 (1: the plain mean), got 0")
+        if self.data_file and self.span_start_weight != 1:
+            raise ValueError("TrainConfig.span_start_weight needs the benchmark's stage spans; user data (--data) "
+                             f"has none, got {self.span_start_weight!r}")
 
     def data_config(self) -> MultiStageConfig:
         return MultiStageConfig.from_dict(self.data)
@@ -158,7 +169,8 @@ def lr_at(config: TrainConfig, step: int) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def make_batch(data: MultiStageConfig, seed: int, indices: range | list[int], *, filler_loss: bool = True) -> Batch:
+def make_batch(data: MultiStageConfig, seed: int, indices: range | list[int], *, filler_loss: bool = True,
+               span_start_weight: float = 1.0, span_start_tokens: int = 3) -> Batch:
     """Benchmark examples ``indices`` of ``seed``, right-padded (prompt then response in
     each row, pads after: the model runs padded rows as they are).
 
@@ -178,6 +190,15 @@ def make_batch(data: MultiStageConfig, seed: int, indices: range | list[int], *,
                     # the stage's columns: [its tag (tagged, first stage)], its words, the separator
                     cols = (batch.stage_ids[b] == k).nonzero().flatten()
                     batch.labels[b, cols[-1 - stage.length : -1]] = IGNORE_INDEX
+    if span_start_weight != 1.0:
+        batch.label_weights = torch.ones(batch.labels.shape)
+        for b, example in enumerate(examples):
+            for k, stage in enumerate(example.stages):
+                if stage.op != "ramble":
+                    # a span's first tokens (after the tag of a tagged first stage)
+                    cols = (batch.stage_ids[b] == k).nonzero().flatten()
+                    cols = cols[len(cols) - 1 - stage.length:][:span_start_tokens]
+                    batch.label_weights[b, cols] = span_start_weight
     return batch
 
 
@@ -232,19 +253,24 @@ def prefix_state(model: RecurrentLM, prompt_ids: Tensor, prompt_lengths: Tensor)
     return prefill(model, prompt_ids, prompt_lengths - 1)
 
 
+def _response_columns(batch: Batch) -> Tensor:
+    """``[B, R]``: the column of ``batch.labels`` of each response token (clamped past a
+    row's end)."""
+    R = batch.response_ids.shape[1]
+    return (batch.response_start.unsqueeze(1) + torch.arange(R, device=batch.labels.device)).clamp(
+        max=batch.labels.shape[1] - 1)
+
+
 def continuation(batch: Batch) -> tuple[Tensor, Tensor]:
     """``[B, 1 + R]`` ids ``prompt[-1] ‖ response`` (right-padded) and their labels
     (the response tokens, IGNORE_INDEX at pads), from a right-padded batch."""
     if batch.prompt_padding != "right":
         raise ValueError("the training batch must be right-padded (Collator(..., prompt_padding='right'))")
-    B, R = batch.response_ids.shape
     last = batch.prompt_ids.gather(1, (batch.prompt_lengths - 1).clamp(min=0).unsqueeze(1))
     ids = torch.cat([last, batch.response_ids], 1)
     # The response's labels as batch.labels has them (so positions masked there, e.g.
     # filler words, stay without loss), re-laid out like response_ids.
-    cols = (batch.response_start.unsqueeze(1) + torch.arange(R, device=ids.device)).clamp(
-        max=batch.labels.shape[1] - 1)
-    response_labels = batch.labels.gather(1, cols).masked_fill(~batch.response_mask, IGNORE_INDEX)
+    response_labels = batch.labels.gather(1, _response_columns(batch)).masked_fill(~batch.response_mask, IGNORE_INDEX)
     labels = torch.cat([torch.full_like(last, IGNORE_INDEX), response_labels], 1)
     return ids, labels
 
@@ -291,6 +317,9 @@ def response_loss(model: RecurrentLM, batch: Batch, delta=None, state: Recurrent
     losses = torch.cat(parts, 1)
     if reduction == "none":
         return losses
+    if batch.label_weights is not None:
+        weights = batch.label_weights.gather(1, _response_columns(batch)) * (targets != IGNORE_INDEX)
+        return (losses * weights).sum() / weights.sum()
     # as F.cross_entropy's mean: NaN when nothing has a label
     return losses.sum() / (targets != IGNORE_INDEX).sum()
 
@@ -650,7 +679,8 @@ def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resum
                         batch = user_batch(pairs, config, step, run.rank, run.world).to(run.device)
                     else:
                         batch = make_batch(data, config.data_seed, batch_indices(config, step, run.rank, run.world),
-                                           filler_loss=config.filler_loss).to(run.device)
+                                           filler_loss=config.filler_loss, span_start_weight=config.span_start_weight,
+                                           span_start_tokens=config.span_start_tokens).to(run.device)
                     record, prefix = train_step(objective, state, model, batch, lr_at(config, step), config, run,
                                                 out_dir)
                     log_and_save(record, state, model, batch, prefix, config, run, out_dir, base,
@@ -694,7 +724,9 @@ def init_or_resume(model: RecurrentLM, config: TrainConfig, out_dir: Path, run: 
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.is_file():
         tensors, meta = read_checkpoint(ckpt)
-        saved = json.loads(meta["train_config"])
+        # A field added since the checkpoint was written reads as its default (which
+        # is the behaviour of the code that wrote it).
+        saved = {**json.loads(TrainConfig().to_json()), **json.loads(meta["train_config"])}
         if saved != json.loads(config.to_json()):
             diff = sorted(k for k in set(saved) | set(asdict(config)) if saved.get(k) != asdict(config).get(k))
             raise ValueError(f"--resume: {ckpt} was written by a run with a different configuration "
