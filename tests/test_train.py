@@ -102,6 +102,16 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
         train(_model(), _config(steps=2, lr=5e-3), tmp_path, resume=True, progress=False)
 
 
+def test_resume_reads_a_field_newer_than_the_checkpoint_as_its_default(tmp_path):
+    from prosg.method.train import saved_train_config
+
+    train(_model(), _config(steps=2), tmp_path, progress=False)
+    _, meta = read_checkpoint(tmp_path / CHECKPOINT)
+    old = {k: v for k, v in json.loads(meta["train_config"]).items() if not k.startswith("span_start")}
+    assert saved_train_config(json.dumps(old)) == json.loads(_config(steps=2).to_json())
+    assert saved_train_config(json.dumps({**old, "span_start_weight": 3.0}))["span_start_weight"] == 3.0
+
+
 def test_batches_are_disjoint_across_steps_and_ranks():
     cfg = _config(batch_size=3)
     seen = [i for s in range(3) for r in range(2) for i in batch_indices(cfg, s, r, 2)]

@@ -705,6 +705,12 @@ def train(model: RecurrentLM, config: TrainConfig, out_dir: str | Path, *, resum
         end_run(run)
 
 
+def saved_train_config(text: str) -> dict:
+    """A checkpoint's TrainConfig (its JSON) as a dict; a field added since it was
+    written reads as its default, which is the behaviour of the code that wrote it."""
+    return {**json.loads(TrainConfig().to_json()), **json.loads(text)}
+
+
 def init_or_resume(model: RecurrentLM, config: TrainConfig, out_dir: Path, run: Run, resume: bool,
                    overwrite: bool, base: dict) -> Progress:
     """A fresh generator and AdamW from ``config.seed``, or with ``resume`` the ones of
@@ -724,9 +730,7 @@ def init_or_resume(model: RecurrentLM, config: TrainConfig, out_dir: Path, run: 
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.is_file():
         tensors, meta = read_checkpoint(ckpt)
-        # A field added since the checkpoint was written reads as its default (which
-        # is the behaviour of the code that wrote it).
-        saved = {**json.loads(TrainConfig().to_json()), **json.loads(meta["train_config"])}
+        saved = saved_train_config(meta["train_config"])
         if saved != json.loads(config.to_json()):
             diff = sorted(k for k in set(saved) | set(asdict(config)) if saved.get(k) != asdict(config).get(k))
             raise ValueError(f"--resume: {ckpt} was written by a run with a different configuration "
