@@ -232,8 +232,8 @@ def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 
 # TrainConfig's fields with a `prosg train` flag (data and generator have their own).
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
-                "filler_loss", "span_start_weight", "span_start_tokens", "seed", "data_seed", "max_length", "truncate", "chunk_length", "precision",
-                "checkpointing")
+                "filler_loss", "span_start_weight", "span_start_tokens", "seed", "data_seed", "max_length",
+                "truncate", "chunk_length", "precision", "checkpointing")
 
 
 #: The true-gradient fields with a flag (each row fixes its own ``steps``).
@@ -677,7 +677,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "bundled:rwkv7); default: the induced-forgetting control bundled:rwkv4_tbptt, the one base "
                         "with an established ProSG gain (docs/results.md)")
     d.add_argument("--base", default=None, help="base model directory or bundled:NAME; default: the bundled one")
-    d.add_argument("--steps", type=positive_int, default=None, help="training steps (default 2000, with --arch rwkv7 1500; --quick 300)")
+    d.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps (default 2000, with --arch rwkv7 1500; --quick 300)")
     d.add_argument("--n", type=positive_int, default=None, help="held-out examples per seed (default 200; --quick 64)")
     _add_training_args(d, ("batch_size", "lr", "filler_loss", "seed"))
     _add_generator_args(d)
