@@ -32,7 +32,6 @@ global batch. The loss is averaged per rank, then DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -93,10 +92,6 @@ class TrainConfig:
                 "is carried out; 1: the plain mean)", "min": 0, "above": True})
     span_start_tokens: int = field(default=3, metadata={
         "help": "how many of a span's first tokens --span-start-weight weighs", "min": 1})
-    own_context: bool = field(default=False, metadata={
-        "help": "read the response the model writes itself (greedy, under the step's delta, no gradient) instead "
-                "of the reference, the labels staying the reference's: the context greedy decoding meets "
-                "(benchmark data: fixed span lengths keep the positions aligned)"})
     filler_loss: bool = field(default=True, metadata={
         "help": "take the loss on ramble filler words too (without it the delta is free to disturb the "
                 "ramble, see docs/results.md)"})
@@ -147,9 +142,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite float >= 0, got {v!r}")
         if self.span_start_weight == 0:
             raise ValueError("TrainConfig.span_start_weight must be > 0 (1: the plain mean), got 0")
-        if self.data_file and self.own_context:
-            raise ValueError("TrainConfig.own_context needs the benchmark's fixed-length spans; user data (--data) "
-                             "has none")
         if self.data_file and self.span_start_weight != 1:
             raise ValueError("TrainConfig.span_start_weight needs the benchmark's stage spans; user data (--data) "
                              f"has none, got {self.span_start_weight!r}")
@@ -352,26 +344,8 @@ class _Objective(nn.Module):
             delta = delta.to(model.dtype)
         else:
             delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
-        if config.own_context:
-            batch = with_own_responses(model, batch, delta.detach())
         return response_loss(model, batch, delta, state, chunk_length=config.chunk_length,
                              checkpointing=config.checkpointing)
-
-
-@torch.no_grad()
-def with_own_responses(model: RecurrentLM, batch: Batch, delta) -> Batch:
-    """``batch`` with each response replaced, as the model's *input*, by the greedy
-    response the model writes under ``delta`` (as long as the reference; past an early
-    ``<eos>`` the reference's tokens): the labels stay the reference's."""
-    from prosg.method.evaluation import generate_responses
-
-    lengths = batch.response_lengths.tolist()
-    prompts = [row[:n].tolist() for row, n in zip(batch.prompt_ids, batch.prompt_lengths.tolist())]
-    own = generate_responses(model, prompts, lengths, delta=delta)
-    ids = batch.response_ids.clone()
-    for b, tokens in enumerate(own):
-        ids[b, :len(tokens)] = torch.tensor(tokens, dtype=ids.dtype, device=ids.device)
-    return dataclasses.replace(batch, response_ids=ids)
 
 
 def freeze(model: RecurrentLM) -> RecurrentLM:
