@@ -36,6 +36,10 @@ declare -A FLAGS=(
   [span_w10_t1]="--span-start-weight 10 --span-start-tokens 1"
   [span_w10_seed1]="--span-start-weight 10 --seed 1"
   [span_w10_seed2]="--span-start-weight 10 --seed 2"
+  [own_half]="--own-context 0.5"
+  [own_half_w10]="--own-context 0.5 --span-start-weight 10"
+  [own_half_seed1]="--own-context 0.5 --seed 1"
+  [own_half_seed2]="--own-context 0.5 --seed 2"
   [previous]="--targets blocks.*.attention.key,blocks.*.attention.value,blocks.*.feed_forward.key --features layer --input-mode true --no-copy-tokens"
 )
 ORDER=(default rank1 rank16 residual_writers last_layer kv_ffnkey no_copy true_input layer_features no_filler_loss previous)

@@ -255,6 +255,50 @@ def test_span_start_weights(tagged):
         TrainConfig(span_start_weight=2.0, data_file="x.jsonl", tokenizer="t")
 
 
+def test_own_context_rows_read_the_greedy_response_and_keep_the_labels():
+    """``own_context``: the last rows of a batch read the model's own greedy response
+    under the delta (each as long as its reference), the others the reference; the
+    labels stay the reference's, and the loss is response_loss on that batch."""
+    from prosg.method.evaluation import generate_responses
+    from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
+    from prosg.method.train import _Objective, freeze, with_own_responses
+    from prosg.models import Delta
+
+    model = freeze(_model())
+    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
+    with torch.no_grad():
+        for head in gen.heads.values():
+            head.delta.weight.normal_(0, 0.3)
+    batch = make_batch(MultiStageConfig(**{**DATA, "min_stages": 2, "max_stages": 4}), seed=3, indices=range(5))
+    delta = gen(model, batch.prompt_ids, batch.prompt_mask)
+    own = with_own_responses(model, batch, delta.detach(), [2, 4])
+    assert torch.equal(own.labels, batch.labels) and torch.equal(own.response_mask, batch.response_mask)
+    changed = 0
+    for b in range(len(batch)):
+        if b not in (2, 4):
+            assert torch.equal(own.response_ids[b], batch.response_ids[b])
+            continue
+        p = batch.prompt_ids[b, :batch.prompt_lengths[b]].tolist()
+        n = int(batch.response_lengths[b])
+        one = Delta({k: (u[b:b + 1], v[b:b + 1]) for k, (u, v) in delta.factors.items()}, delta.scale)
+        want = generate_responses(model, [p], n, delta=one)[0]
+        assert own.response_ids[b, :len(want)].tolist() == want
+        assert torch.equal(own.response_ids[b, len(want):], batch.response_ids[b, len(want):])
+        changed += int((own.response_ids[b, :n] != batch.response_ids[b, :n]).sum())
+    assert changed > 0, "a random delta's greedy responses should differ from the references somewhere"
+    objective = _Objective(gen, model, TrainConfig(own_context=0.4))  # round(0.4 * 5) = 2 rows: 3 and 4
+    with torch.no_grad():
+        got = float(objective(batch, None))
+        d = gen(model, batch.prompt_ids, batch.prompt_mask)
+        want = float(response_loss(model, with_own_responses(model, batch, d, [3, 4]), d))
+    assert got == pytest.approx(want, rel=1e-6)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="own_context"):
+            TrainConfig(own_context=bad)
+    with pytest.raises(ValueError, match="user data"):
+        TrainConfig(own_context=0.5, data_file="x.jsonl", tokenizer="t")
+
+
 def test_cli_eval_and_demo_write_reports(tmp_path, capsys):
     from prosg.__main__ import main
 

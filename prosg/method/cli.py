@@ -232,7 +232,7 @@ def _add_training_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 
 # TrainConfig's fields with a `prosg train` flag (data and generator have their own).
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
-                "filler_loss", "span_start_weight", "span_start_tokens", "seed", "data_seed", "max_length",
+                "filler_loss", "span_start_weight", "span_start_tokens", "own_context", "seed", "data_seed", "max_length",
                 "truncate", "chunk_length", "precision", "checkpointing")
 
 

@@ -32,6 +32,7 @@ global batch. The loss is averaged per rank, then DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -53,6 +54,7 @@ from prosg.data import IGNORE_INDEX, Batch, MultiStageConfig, TokenizedPair, col
 from prosg.data.vocab import benchmark_tokenizer
 from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
 from prosg.method.outputs import atomic_write, atomic_write_text, locked, refuse_existing
+from prosg.models import Delta
 from prosg.models.generation import prefill
 from prosg.models.protocol import RecurrentLM, RecurrentState
 
@@ -92,6 +94,11 @@ class TrainConfig:
                 "is carried out; 1: the plain mean)", "min": 0, "above": True})
     span_start_tokens: int = field(default=3, metadata={
         "help": "how many of a span's first tokens --span-start-weight weighs", "min": 1})
+    own_context: float = field(default=0.0, metadata={
+        "help": "the fraction of each batch's rows (the last ones) that read the response the model writes itself "
+                "(greedy, under the step's delta, no gradient) instead of the reference, the labels staying the "
+                "reference's; the other rows stay teacher-forced (benchmark data: fixed span lengths keep the "
+                "positions aligned; 0: off)", "min": 0})
     filler_loss: bool = field(default=True, metadata={
         "help": "take the loss on ramble filler words too (without it the delta is free to disturb the "
                 "ramble, see docs/results.md)"})
@@ -142,6 +149,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite float >= 0, got {v!r}")
         if self.span_start_weight == 0:
             raise ValueError("TrainConfig.span_start_weight must be > 0 (1: the plain mean), got 0")
+        if not isinstance(self.own_context, (int, float)) or not 0 <= self.own_context <= 1:
+            raise ValueError(f"TrainConfig.own_context must be a fraction in [0, 1], got {self.own_context!r}")
+        if self.data_file and self.own_context:
+            raise ValueError("TrainConfig.own_context needs the benchmark's fixed-length spans; user data (--data) "
+                             "has none")
         if self.data_file and self.span_start_weight != 1:
             raise ValueError("TrainConfig.span_start_weight needs the benchmark's stage spans; user data (--data) "
                              f"has none, got {self.span_start_weight!r}")
@@ -344,8 +356,30 @@ class _Objective(nn.Module):
             delta = delta.to(model.dtype)
         else:
             delta = self.generator(model, batch.prompt_ids, batch.prompt_mask)
+        own = round(config.own_context * len(batch))
+        if own:
+            batch = with_own_responses(model, batch, delta.detach(), range(len(batch) - own, len(batch)))
         return response_loss(model, batch, delta, state, chunk_length=config.chunk_length,
                              checkpointing=config.checkpointing)
+
+
+@torch.no_grad()
+def with_own_responses(model: RecurrentLM, batch: Batch, delta, rows: range | list[int]) -> Batch:
+    """``batch`` with the responses of ``rows`` replaced, as the model's *input*, by the
+    greedy responses the model writes under ``delta`` (as long as the reference; past an
+    early ``<eos>`` the reference's tokens): the labels stay the reference's."""
+    from prosg.method.evaluation import generate_responses
+
+    rows = list(rows)
+    lengths = [int(batch.response_lengths[b]) for b in rows]
+    prompts = [batch.prompt_ids[b, :int(batch.prompt_lengths[b])].tolist() for b in rows]
+    picked = torch.tensor(rows, dtype=torch.long, device=batch.prompt_ids.device)
+    sub = Delta({k: (u.index_select(0, picked), v.index_select(0, picked)) for k, (u, v) in delta.factors.items()},
+                delta.scale)
+    ids = batch.response_ids.clone()
+    for b, tokens in zip(rows, generate_responses(model, prompts, lengths, delta=sub)):
+        ids[b, :len(tokens)] = torch.tensor(tokens, dtype=ids.dtype, device=ids.device)
+    return dataclasses.replace(batch, response_ids=ids)
 
 
 def freeze(model: RecurrentLM) -> RecurrentLM:
