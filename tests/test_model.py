@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prefill_check import check_prefill_rows
 from tolerances import assert_close
 from torch.func import functional_call
 
@@ -166,38 +167,11 @@ def test_batched_prefill_equals_one_forward_per_row(dtype, rescale_every):
     read from a pad) equals every row run alone over exactly its tokens: the wkv state,
     both token shifts, and the next token's logits from that state; the pads' values
     never matter; prosg.models.generation.prefill takes it."""
-    from prosg.models.generation import prefill
-
     model = random_model(num_hidden_layers=3, rescale_every=rescale_every, seed=8, dtype=dtype)
     lengths = [7, 1, 12, 4, 7]
     ids = torch.randint(0, 37, (len(lengths), 13), generator=torch.Generator().manual_seed(3))
-    for b, n in enumerate(lengths):
-        ids[b, n:] = -1  # a pad id outside the vocabulary: never read into a state
-    calls = []
-    handle = model.blocks[0].attention.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        batched = prefill(model, ids, lengths)
-    finally:
-        handle.remove()
-    assert len(calls) == 1, "one batched forward for all rows"
-    assert all(bool(torch.isfinite(getattr(batched, n)).all()) for n in ("att_shift", "ffn_shift", "wkv"))
     nxt = torch.randint(0, 37, (len(lengths), 1), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        got_next, _ = model(nxt, state=batched)
-        for b, n in enumerate(lengths):
-            _, alone = model(ids[b:b + 1, :n])
-            want_next, _ = model(nxt[b:b + 1], state=alone)
-            for name in ("wkv", "att_shift", "ffn_shift"):
-                assert_close(getattr(batched, name)[:, b], getattr(alone, name)[:, 0], dtype, f"row {b} {name}")
-            assert_close(got_next[b], want_next[0], dtype, f"row {b} next logits")
-    with pytest.raises(ValueError, match="lengths must be 5 values in"):
-        model.prefill_rows(ids, [7, 0, 12, 4, 7])
-    # Other pad values, and a row of length 0 beside (it gets the empty state).
-    ids[ids < 0] = 5
-    mixed = prefill(model, ids, [7, 0, 12, 4, 7])
-    assert mixed.wkv[:, 1, :2].abs().sum() == 0 and mixed.att_shift[:, 1].abs().sum() == 0
-    for b in (0, 2, 3, 4):
-        assert_close(mixed.wkv[:, b], batched.wkv[:, b], dtype, f"row {b} wkv beside an empty row")
+    check_prefill_rows(model, ids, lengths, nxt, dtype)
 
 
 def test_logits_to_keep():

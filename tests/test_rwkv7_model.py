@@ -12,6 +12,7 @@ import pytest
 import torch
 from rwkv_oracle import rwkv_logits
 from safetensors.torch import load_file, save_file
+from prefill_check import check_prefill_rows
 from tolerances import assert_close
 from torch.func import functional_call
 
@@ -80,36 +81,10 @@ def test_batched_prefill_equals_one_forward_per_row(model, dtype):
     every row run alone over exactly its tokens: the wkv state, both token shifts, and
     the logits of the next token from that state; prosg.models.generation.prefill
     takes it."""
-    from prosg.models.generation import prefill
-
     m = model if dtype == torch.float32 else random_rwkv7_model().to(dtype)
     lengths = [7, 1, 12, 4, 7]
-    ids = ids_(len(lengths), 13, seed=3)  # one column of padding past the longest row
-    for b, n in enumerate(lengths):
-        ids[b, n:] = -1  # a pad id outside the vocabulary: never read into a state
-    calls = []
-    handle = m.blocks[0].attention.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        batched = prefill(m, ids, lengths)
-    finally:
-        handle.remove()
-    assert len(calls) == 1, "one batched forward for all rows"
-    nxt = ids_(len(lengths), 1, seed=4)
-    with torch.no_grad():
-        got_next, _ = m(nxt, state=batched)
-        for b, n in enumerate(lengths):
-            _, alone = m(ids[b:b + 1, :n])
-            want_next, _ = m(nxt[b:b + 1], state=alone)
-            for name in ("wkv", "att_shift", "ffn_shift"):
-                assert_close(getattr(batched, name)[:, b], getattr(alone, name)[:, 0], dtype, f"row {b} {name}")
-            assert_close(got_next[b], want_next[0], dtype, f"row {b} next logits")
-    with pytest.raises(ValueError, match="lengths must be 5 values in"):
-        m.prefill_rows(ids, [7, 0, 12, 4, 7])
-    # A row of length 0 gets the empty state; the others are prefilled together.
-    mixed = prefill(m, ids, [7, 0, 12, 4, 7])
-    assert mixed.wkv[:, 1].abs().sum() == 0 and mixed.att_shift[:, 1].abs().sum() == 0
-    for b in (0, 2, 3, 4):
-        assert_close(mixed.wkv[:, b], batched.wkv[:, b], dtype, f"row {b} wkv beside an empty row")
+    # one column of padding past the longest row
+    check_prefill_rows(m, ids_(len(lengths), 13, seed=3), lengths, ids_(len(lengths), 1, seed=4), dtype)
 
 
 def test_state_operations(model):

@@ -169,9 +169,9 @@ def test_cli_train(tmp_path, capsys):
     assert main(argv + ["--resume"]) == 0  # already finished: nothing to do
 
 
-def test_response_loss_applies_the_delta_from_the_last_prompt_token():
-    """The training loss is the evaluation's function: the base model reads prompt[:-1],
-    then prompt[-1] ‖ response runs under the delta (checked row by row, unpadded)."""
+def _generator_and_batch():
+    """A frozen tiny base, a generator whose delta is far from zero, and a batch of
+    prompts and responses of several lengths."""
     from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
     from prosg.method.train import freeze
 
@@ -180,7 +180,14 @@ def test_response_loss_applies_the_delta_from_the_last_prompt_token():
     with torch.no_grad():
         for head in gen.heads.values():
             head.delta.weight.normal_(0, 0.3)
-    batch = make_batch(MultiStageConfig(**{**DATA, "min_stages": 2, "max_stages": 4}), seed=3, indices=range(5))
+    return model, gen, make_batch(MultiStageConfig(**{**DATA, "min_stages": 2, "max_stages": 4}), seed=3,
+                                  indices=range(5))
+
+
+def test_response_loss_applies_the_delta_from_the_last_prompt_token():
+    """The training loss is the evaluation's function: the base model reads prompt[:-1],
+    then prompt[-1] ‖ response runs under the delta (checked row by row, unpadded)."""
+    model, gen, batch = _generator_and_batch()
     assert len(set(batch.prompt_lengths.tolist())) > 1 and len(set(batch.response_lengths.tolist())) > 1
     with torch.no_grad():
         delta = gen(model, batch.prompt_ids, batch.prompt_mask)
@@ -260,16 +267,10 @@ def test_own_context_rows_read_the_greedy_response_and_keep_the_labels():
     under the delta (each as long as its reference), the others the reference; the
     labels stay the reference's, and the loss is response_loss on that batch."""
     from prosg.method.evaluation import generate_responses
-    from prosg.method.generator import GeneratorConfig, SyntheticGradientGenerator
-    from prosg.method.train import _Objective, freeze, with_own_responses
+    from prosg.method.train import _Objective, with_own_responses
     from prosg.models import Delta
 
-    model = freeze(_model())
-    gen = SyntheticGradientGenerator(model, GeneratorConfig(rank=2, hidden_size=8))
-    with torch.no_grad():
-        for head in gen.heads.values():
-            head.delta.weight.normal_(0, 0.3)
-    batch = make_batch(MultiStageConfig(**{**DATA, "min_stages": 2, "max_stages": 4}), seed=3, indices=range(5))
+    model, gen, batch = _generator_and_batch()
     delta = gen(model, batch.prompt_ids, batch.prompt_mask)
     own = with_own_responses(model, batch, delta.detach(), [2, 4])
     assert torch.equal(own.labels, batch.labels) and torch.equal(own.response_mask, batch.response_mask)
